@@ -1,0 +1,104 @@
+"""The ``fedlora`` command line.
+
+Exit codes: 0 the run completed; 1 it failed; 2 bad input (config, paths);
+3 it stopped early for a stated reason (e.g. too few nodes replied).
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedlora.errors import FedloraError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="fedlora: private federated LoRA fine-tuning (Flower + PEFT + Opacus).",
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+
+
+@app.callback()
+def _root() -> None:
+    """fedlora: private federated LoRA fine-tuning (Flower + PEFT + Opacus)."""
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (TOML values) and/or TOML files, later wins."""
+    out: dict[str, Any] = {}
+    for item in items:
+        path = Path(item)
+        if "=" not in item and path.suffix == ".toml":
+            if not path.is_file():
+                raise FedloraError(f"config file {item!r} does not exist")
+            data = tomllib.loads(path.read_text())
+            out.update(data.get("config", data))
+            continue
+        if "=" not in item:
+            raise FedloraError(
+                f"-c {item!r} is neither key=value nor a .toml file; "
+                "write e.g. -c num-server-rounds=5"
+            )
+        key, raw = (s.strip() for s in item.split("=", 1))
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw  # bare strings need no quotes on the command line
+    return out
+
+
+@app.command()
+def simulate(
+    config: Annotated[
+        list[str] | None,
+        typer.Option("-c", "--config", help="key=value or a TOML file; repeatable."),
+    ] = None,
+    num_clients: Annotated[int, typer.Option("--num-clients", "-n")] = 10,
+    num_cpus: Annotated[
+        float, typer.Option(help="CPUs per virtual client (1 -> 2 clients on 2 cores).")
+    ] = 1.0,
+    num_gpus: Annotated[
+        float, typer.Option(help="GPU fraction per virtual client (0.25 -> 4 share one).")
+    ] = 0.0,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Run a federated simulation of N virtual clients (Flower simulation engine)."""
+    from fedlora.simulations.engine import Resources, simulate as run
+    from fedlora.simulations.report import summary_table
+
+    try:
+        overrides = parse_overrides(config or [])
+        status = run(overrides, num_clients, Resources(num_cpus, num_gpus), verbose)
+    except FedloraError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    run_dir = Path(status["run_dir"])
+    table = summary_table(run_dir)
+    if table:
+        typer.echo(table)
+    state = status.get("status")
+    if state == "completed":
+        typer.secho(f"completed · results in {run_dir}", fg=typer.colors.GREEN)
+        raise typer.Exit(EXIT_OK)
+    colour = typer.colors.YELLOW if state == "stopped" else typer.colors.RED
+    typer.secho(f"run {state}: {status.get('reason', '')}", fg=colour, err=True)
+    raise typer.Exit(EXIT_STOPPED if state == "stopped" else EXIT_FAILED)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    """Entry point that never shows a traceback for a user error."""
+    try:
+        app()
+    except FedloraError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

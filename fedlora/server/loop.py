@@ -1,0 +1,259 @@
+"""The federated round loop, written once for simulation and deployment.
+
+Flower's ``Strategy.start`` runs a fixed loop; fedlora needs a few things it
+does not do, so the loop lives here and Flower's strategies keep doing the
+aggregation math (``configure_*``/``aggregate_*``):
+
+* node sampling derived from ``(seed, round)`` over stable *site keys* (a
+  simulation's partition id, a deployment's site name), so a round samples
+  the same sites every time whatever node ids the runtime hands out, and
+  replies are aggregated in site order (bit-identical sums);
+* failures are data: error replies and timeouts are logged with the node and
+  reason, the round goes on with the rest, and the run stops cleanly (with a
+  reason) when fewer than ``min-train-nodes`` replied;
+* after every round: global evaluation, metrics written, checkpoint saved,
+  one progress line printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlora.config import (
+    CONFIG_KEY,
+    METRIC_ACCURACY,
+    METRIC_BYTES_SENT,
+    METRIC_LOSS,
+    RunConfig,
+)
+
+log = logging.getLogger("fedlora.server")
+
+SITE_KEY = "site-key"
+QUERY_SITE = "fedlora-site"
+
+EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
+RoundHook = Callable[["RoundOutcome"], None]
+ReplyFilter = Callable[[int, list[Message]], tuple[list[Message], list[str]]]
+
+
+class RunStopped(Exception):
+    """The run ended early for a stated reason (not a crash)."""
+
+
+@dataclass
+class RoundOutcome:
+    """Everything one round produced, for history, checkpoints and progress."""
+
+    server_round: int
+    arrays: ArrayRecord
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    global_metrics: dict[str, float] = field(default_factory=dict)
+    sampled: int = 0
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    bytes_uploaded: int = 0
+    seconds: float = 0.0
+    replies: list[Message] = field(default_factory=list)
+
+
+class _SampledGrid:
+    """A view of the grid whose connected nodes are the ones fedlora sampled.
+
+    Flower strategies sample with the global ``random`` module; handing them
+    this view with ``fraction=1`` leaves the choice to the seeded loop.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]):
+        self._grid = grid
+        self._nodes = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class SiteRegistry:
+    """Maps runtime node ids to stable site keys by asking each node once."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, str] = {}
+
+    def refresh(self, grid: Grid, timeout: float) -> None:
+        unknown = [n for n in grid.get_node_ids() if n not in self.keys]
+        if not unknown:
+            return
+        content = RecordDict({CONFIG_KEY: ConfigRecord({QUERY_SITE: 1})})
+        msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY)
+                for n in unknown]
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or SITE_KEY not in reply.content.config_records:
+                continue
+            self.keys[node] = str(reply.content.config_records[SITE_KEY][SITE_KEY])
+        for node in unknown:
+            self.keys.setdefault(node, f"node-{node}")
+
+    def key(self, node_id: int) -> str:
+        return self.keys.get(node_id, f"node-{node_id}")
+
+
+def sample_nodes(
+    node_ids: Iterable[int], sites: SiteRegistry, fraction: float, minimum: int,
+    seed: int, server_round: int, purpose: str,
+) -> list[int]:
+    """Seeded sample of ``max(ceil(fraction*n), minimum)`` nodes, in site order."""
+    ordered = sorted(node_ids, key=sites.key)
+    k = min(len(ordered), max(math.ceil(fraction * len(ordered)), minimum))
+    rng = random.Random(derive_seed(seed, server_round, purpose))
+    chosen = rng.sample(ordered, k)
+    return sorted(chosen, key=sites.key)
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Block until ``minimum`` nodes are connected, or stop with a reason."""
+    deadline = time.monotonic() + timeout
+    announced = False
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise RunStopped(
+                f"only {len(nodes)} node(s) connected after {timeout:.0f} s; "
+                f"min-train-nodes={minimum}"
+            )
+        if not announced:
+            log.info("waiting for nodes: %d connected, need %d", len(nodes), minimum)
+            announced = True
+        time.sleep(1.0)
+    return nodes
+
+
+def split_replies(
+    replies: Iterable[Message], expected: Sequence[int], sites: SiteRegistry
+) -> tuple[list[Message], list[str]]:
+    """Good replies in site order, and one human-readable line per failure."""
+    ok: list[Message] = []
+    failures: list[str] = []
+    seen: set[int] = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        seen.add(node)
+        if msg.has_error():
+            failures.append(f"{sites.key(node)} (node {node}): {msg.error.reason}")
+        else:
+            ok.append(msg)
+    for node in expected:
+        if node not in seen:
+            failures.append(f"{sites.key(node)} (node {node}): no reply before timeout")
+    ok.sort(key=lambda m: sites.key(m.metadata.src_node_id))
+    return ok, failures
+
+
+def _metric_dict(record: MetricRecord | None) -> dict[str, float]:
+    if record is None:
+        return {}
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    cfg: RunConfig,
+    evaluate_fn: EvaluateFn | None,
+    on_round: RoundHook,
+    first_round: int = 1,
+    train_config: dict[str, Any] | None = None,
+    reply_filter: ReplyFilter | None = None,
+) -> ArrayRecord:
+    """Run rounds ``first_round..num_server_rounds``; returns the final arrays.
+
+    Raises :class:`RunStopped` (after the last good round was reported) when
+    a round cannot go on: too few nodes connected or replying.
+    """
+    sites = SiteRegistry()
+    for rnd in range(first_round, cfg.num_server_rounds + 1):
+        start = time.perf_counter()
+        wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout)
+        sites.refresh(grid, timeout=min(cfg.round_timeout, 120.0))
+        nodes = sample_nodes(grid.get_node_ids(), sites, cfg.fraction_train,
+                             cfg.min_train_nodes, cfg.seed, rnd, "train")
+        config = ConfigRecord(dict(train_config or {}))
+        messages = list(strategy.configure_train(rnd, arrays, config,
+                                                  _SampledGrid(grid, nodes)))  # type: ignore[arg-type]
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        ok, failures = split_replies(replies, nodes, sites)
+        if reply_filter is not None:
+            ok, rejected = reply_filter(rnd, ok)
+            failures.extend(rejected)
+        for line in failures:
+            log.warning("round %d: %s", rnd, line)
+        if len(ok) < cfg.min_train_nodes:
+            raise RunStopped(
+                f"round {rnd}: only {len(ok)} of {len(nodes)} sampled nodes replied "
+                f"with an update (min-train-nodes={cfg.min_train_nodes}); failures: "
+                + "; ".join(failures)
+            )
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
+        if new_arrays is not None:
+            arrays = new_arrays
+        outcome = RoundOutcome(
+            server_round=rnd,
+            arrays=arrays,
+            train_metrics=_metric_dict(train_metrics),
+            sampled=len(nodes),
+            ok=len(ok),
+            failures=failures,
+            bytes_uploaded=int(sum(
+                float(next(iter(m.content.metric_records.values())).get(METRIC_BYTES_SENT, 0))
+                for m in ok)),
+            replies=ok,
+        )
+        if cfg.fraction_evaluate > 0:
+            eval_nodes = sample_nodes(grid.get_node_ids(), sites, cfg.fraction_evaluate,
+                                      1, cfg.seed, rnd, "evaluate")
+            eval_msgs = strategy.configure_evaluate(rnd, arrays, ConfigRecord(),
+                                                    _SampledGrid(grid, eval_nodes))  # type: ignore[arg-type]
+            eval_ok, eval_fail = split_replies(
+                grid.send_and_receive(list(eval_msgs), timeout=cfg.round_timeout),
+                eval_nodes, sites)
+            outcome.failures.extend(f"evaluate: {f}" for f in eval_fail)
+            if eval_ok:
+                outcome.eval_metrics = _metric_dict(strategy.aggregate_evaluate(rnd, eval_ok))
+        if evaluate_fn is not None:
+            outcome.global_metrics = evaluate_fn(rnd, arrays) or {}
+        outcome.seconds = time.perf_counter() - start
+        on_round(outcome)
+    return arrays
+
+
+def progress_line(outcome: RoundOutcome, total_rounds: int) -> str:
+    """One terminal line per round."""
+    g = outcome.global_metrics
+    parts = [f"{outcome.ok}/{outcome.sampled} clients ok"]
+    if METRIC_ACCURACY in g:
+        parts.append(f"global acc {g[METRIC_ACCURACY]:.3f}")
+    if METRIC_LOSS in g:
+        parts.append(f"loss {g[METRIC_LOSS]:.3f}")
+    parts.append(f"{outcome.bytes_uploaded / 1e6:.2f} MB up")
+    parts.append(f"{outcome.seconds:.1f} s")
+    return f"[round {outcome.server_round}/{total_rounds}] " + " · ".join(parts)

@@ -1,0 +1,108 @@
+"""Run a federation of virtual clients on Flower's simulation engine (Ray).
+
+The ServerApp and ClientApp are the very ones a deployment runs; only the
+runtime differs. The engine is driven in-process so that fedlora can set the
+process exit code from the run's recorded status (``flwr run --stream``
+returns 0 even when a run failed) and so no SuperLink is involved that could
+install runtime dependencies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import DEFAULTS, RunConfig
+from fedlora.errors import ConfigError
+
+log = logging.getLogger("fedlora.simulation")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Ray resources: per virtual client, and for the whole simulation."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    total_cpus: int | None = None
+    total_gpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0:
+            raise ConfigError(f"num-cpus per client is {self.num_cpus}; use a value > 0")
+        if not 0 <= self.num_gpus <= 1 and not float(self.num_gpus).is_integer():
+            raise ConfigError(
+                f"num-gpus per client is {self.num_gpus}; use a fraction in [0, 1] "
+                "(0.25 -> four clients share a GPU) or a whole number"
+            )
+
+    def backend_config(self) -> dict[str, Any]:
+        """Flower's backend config for the Ray backend."""
+        init: dict[str, Any] = {
+            "num_cpus": self.total_cpus or os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": "error",
+            "log_to_driver": True,
+        }
+        if self.total_gpus is not None:
+            init["num_gpus"] = self.total_gpus
+        return {
+            "client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "init_args": init,
+        }
+
+
+def resolve_config(overrides: dict[str, Any]) -> RunConfig:
+    """Defaults + overrides, validated (errors name the key)."""
+    return RunConfig.from_flat({**DEFAULTS, **overrides})
+
+
+def simulate(
+    overrides: dict[str, Any], num_clients: int, resources: Resources, verbose: bool = False
+) -> dict[str, Any]:
+    """Run the federation; returns the run's status record."""
+    from flwr.simulation import run_simulation
+
+    from fedlora.client.app import build_client_app
+    from fedlora.server.app import build_server_app, status_of
+
+    if num_clients < 1:
+        raise ConfigError(f"num-clients is {num_clients}; use >= 1")
+    cfg = resolve_config(overrides)
+    if cfg.min_train_nodes > num_clients:
+        raise ConfigError(
+            f"min-train-nodes={cfg.min_train_nodes} exceeds num-clients={num_clients}; "
+            "lower min-train-nodes or add clients"
+        )
+    run_dir = Path(cfg.run_dir).resolve()
+    flat = {**cfg.to_flat(), "run-dir": str(run_dir)}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            run_simulation(
+                server_app=build_server_app(flat),
+                client_app=build_client_app(flat),
+                num_supernodes=num_clients,
+                backend_config=resources.backend_config(),  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+        except Exception as exc:
+            status = status_of(run_dir)
+            if status.get("status") in ("missing", "running"):
+                from fedlora.io import atomic_write_json
+
+                status = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(run_dir / "status.json", status)
+            return {**status, "run_dir": str(run_dir)}
+    return {**status_of(run_dir), "run_dir": str(run_dir)}
