@@ -180,9 +180,11 @@ def superlink_command(
         SQLite file that keeps runs and registered nodes across restarts;
         None keeps state in memory.
     runtime_dependency_installation : bool
-        Off by default: otherwise the SuperLink runs ``uv sync`` on each app's
-        dependencies, which needs network access and replaces the fedlora
-        environment that is already installed.
+        Off here although flwr 1.41 turns it on for the SuperLink: when on, each
+        run's ServerApp starts with ``uv sync`` of the app's dependencies into a
+        fresh per-run environment, which needs ``uv`` and a package index and,
+        for fedlora, would fetch torch again. Off, ServerApps use this
+        environment, so it must hold the app's dependencies.
     """
     command = [
         _flower_executable("flower-superlink"),
@@ -271,19 +273,24 @@ def flwr_run_command(
     *,
     run_config: Mapping[str, ConfigValue] | None = None,
     stream: bool = False,
+    json_output: bool = True,
 ) -> list[str]:
-    """``flwr run``; without ``stream`` it prints JSON with the run id and returns.
+    """``flwr run`` for a local app folder (built into a FAB on the fly).
 
-    ``--stream`` follows the logs until the run ends but exits 0 whatever the
-    outcome: check :func:`run_status` afterwards.
+    ``json_output`` prints ``{"run-id": ...}``; with ``stream`` that comes only
+    once the run has ended (the logs are swallowed), without it at once.
+    ``stream`` alone prints the logs live. Either way ``flwr run`` exits 0
+    when the run itself failed: check :func:`run_status`.
     """
     app = Path(app_dir).expanduser().resolve()
-    if not (app / "pyproject.toml").is_file():
-        raise ConfigError(f"Flower App folder {app} has no pyproject.toml.")
+    _check_app_pyproject(app / "pyproject.toml")
     command = [_flower_executable("flwr"), "run", str(app), connection]
     if run_config:
         command += ["--run-config", format_config_args(run_config)]
-    command += ["--stream"] if stream else ["--format", "json"]
+    if stream:
+        command.append("--stream")
+    if json_output:
+        command += ["--format", "json"]
     return command
 
 
@@ -316,20 +323,7 @@ def flwr_json(
     command: Sequence[str], flwr_home: str | os.PathLike[str], *, timeout: float = 60
 ) -> dict[str, Any]:
     """Run a ``flwr ... --format json`` command; return its JSON or raise."""
-    try:
-        done = subprocess.run(
-            list(command),
-            env=flower_env(flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as err:
-        raise DeploymentError(
-            f"`{' '.join(command)}` did not finish within {timeout:.0f}s; is the "
-            "SuperLink reachable at the address in FLWR_HOME/config.toml?"
-        ) from err
+    done = _run_flwr(command, flwr_home, timeout)
     # stdout is the JSON document, possibly after stray log lines.
     start = done.stdout.find("{")
     payload: Any = None
@@ -353,7 +347,17 @@ def register_node(
     public_key: str | os.PathLike[str],
 ) -> int:
     """Register a node's public key with the SuperLink; return its node id."""
-    payload = flwr_json(register_node_command(public_key, connection), flwr_home)
+    try:
+        payload = flwr_json(register_node_command(public_key, connection), flwr_home)
+    except DeploymentError as err:
+        if "already in use" not in str(err):
+            raise
+        raise DeploymentError(
+            f"public key {public_key} is already registered with SuperLink "
+            f"connection '{connection}' (its --database keeps registrations "
+            "across restarts). Nothing to do, or remove it first with "
+            "`flwr supernode unregister`."
+        ) from err
     return int(payload["node-id"])
 
 
@@ -363,10 +367,17 @@ def submit_run(
     connection: str,
     *,
     run_config: Mapping[str, ConfigValue] | None = None,
+    wait: bool = False,
+    timeout: float = 120.0,
 ) -> int:
-    """Build the app into a FAB, start a run, and return its run id."""
-    command = flwr_run_command(app_dir, connection, run_config=run_config)
-    return int(flwr_json(command, flwr_home, timeout=120)["run-id"])
+    """Start a run of the app in ``app_dir``; return its run id.
+
+    With ``wait`` this returns once the run has ended (one ``flwr run
+    --stream`` call instead of polling), successful or not: check
+    :func:`run_status`.
+    """
+    command = flwr_run_command(app_dir, connection, run_config=run_config, stream=wait)
+    return int(flwr_json(command, flwr_home, timeout=timeout)["run-id"])
 
 
 def run_status(flwr_home: str | os.PathLike[str], connection: str, run_id: int) -> str:
@@ -403,15 +414,37 @@ def wait_for_run(
 
 def run_logs(flwr_home: str | os.PathLike[str], connection: str, run_id: int) -> str:
     """The ServerApp log of a run so far (``flwr log --show``)."""
-    done = subprocess.run(
-        [_flower_executable("flwr"), "log", str(run_id), connection, "--show"],
-        env=flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    command = [_flower_executable("flwr"), "log", str(run_id), connection, "--show"]
+    done = _run_flwr(command, flwr_home, timeout=60)
     return done.stdout + done.stderr
+
+
+def _run_flwr(
+    command: Sequence[str], flwr_home: str | os.PathLike[str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    home = Path(flwr_home).expanduser().resolve()
+    if not (home / "config.toml").is_file():
+        raise ConfigError(
+            f"FLWR_HOME {home} has no config.toml; create the SuperLink "
+            "connection first with write_flwr_connection_config()."
+        )
+    try:
+        return subprocess.run(
+            list(command),
+            env=flower_env(home),
+            # `flwr` treats a pyproject.toml in its working directory as an
+            # app whose legacy settings it may rewrite; run it where none is.
+            cwd=home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise DeploymentError(
+            f"`{' '.join(command)}` did not finish within {timeout:.0f}s; is the "
+            f"SuperLink reachable at the address in {home / 'config.toml'}?"
+        ) from err
 
 
 # ------------------------------------------------------------------ processes
@@ -495,11 +528,6 @@ class LocalProcess:
         self.stop()
 
     @property
-    def pid(self) -> int:
-        """Process id; raises if not started."""
-        return self._started().pid
-
-    @property
     def returncode(self) -> int | None:
         """Exit code, or None while running."""
         return self._started().poll()
@@ -546,8 +574,7 @@ class LocalProcess:
             return
         try:
             if self.popen.poll() is None:
-                self._terminate_tree(self.popen.pid)
-            self.popen.wait(timeout=self.stop_timeout)
+                self._terminate_tree(self.popen)
         finally:
             if self._log is not None:
                 self._log.close()
@@ -568,17 +595,21 @@ class LocalProcess:
             raise DeploymentError(f"{self.command[0]} has not been started.")
         return self.popen
 
-    def _terminate_tree(self, pid: int) -> None:
+    def _terminate_tree(self, popen: subprocess.Popen[bytes]) -> None:
         try:
-            root = psutil.Process(pid)
             # Collected before the parent dies: orphans are re-parented and
             # could no longer be found from it.
-            children = root.children(recursive=True)
+            children = psutil.Process(popen.pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            return
+            children = []
         # Parent first, so it can shut its helpers down the way it expects;
         # then whatever survived it (e.g. the SuperLink's detached SuperExec).
-        _terminate_and_reap([root], self.stop_timeout)
+        popen.terminate()
+        try:
+            popen.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=self.stop_timeout)
         _terminate_and_reap(children, self.stop_timeout)
 
 
@@ -605,6 +636,27 @@ def _flower_executable(name: str) -> str:
             "PATH. Install fedlora's dependencies (flwr>=1.41) in this environment."
         )
     return found
+
+
+def _check_app_pyproject(pyproject: Path) -> None:
+    if not pyproject.is_file():
+        raise ConfigError(
+            f"Flower App folder {pyproject.parent} has no pyproject.toml."
+        )
+    with pyproject.open("rb") as handle:
+        flwr_tool = tomllib.load(handle).get("tool", {}).get("flwr", {})
+    if "federations" in flwr_tool:
+        # flwr 1.41 "migrates" this legacy section on `flwr run`: it rewrites
+        # the app's pyproject.toml (commenting the section out) and makes the
+        # migrated connection the default in FLWR_HOME/config.toml.
+        raise ConfigError(
+            f"{pyproject} has a [tool.flwr.federations] section, which "
+            "`flwr run` (Flower 1.41) would comment out in that file while "
+            "changing FLWR_HOME/config.toml. Remove the section: SuperLink "
+            "connections live in FLWR_HOME/config.toml "
+            "(write_flwr_connection_config), simulation sizes in "
+            "`flwr run --federation-config`."
+        )
 
 
 def _check_port(port: int) -> int:

@@ -57,9 +57,7 @@ def test_server_cert_chains_to_ca_and_key_matches(plan):
     assert server.issuer == ca.subject
     server.verify_directly_issued_by(ca)  # raises if the signature is wrong
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    assert not server.extensions.get_extension_for_class(
-        x509.BasicConstraints
-    ).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     key = load_pem_private_key(
         plan["superlink"]["ssl-keyfile"].read_bytes(), password=None
     )

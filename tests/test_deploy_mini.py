@@ -118,10 +118,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
 
 def test_run_completes_over_tls_with_node_auth(deployment):
-    run_id = deploy.submit_run(deployment.cli_home, APP_DIR, CONNECTION)
-    status = deploy.wait_for_run(
-        deployment.cli_home, CONNECTION, run_id, timeout=RUN_TIMEOUT
+    run_id = deploy.submit_run(
+        deployment.cli_home, APP_DIR, CONNECTION, wait=True, timeout=RUN_TIMEOUT
     )
+    status = deploy.run_status(deployment.cli_home, CONNECTION, run_id)
     logs = deploy.run_logs(deployment.cli_home, CONNECTION, run_id)
     assert status == deploy.RUN_COMPLETED, logs + deployment.logs()
     # zeros + 1 from each node, averaged with equal weights

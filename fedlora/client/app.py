@@ -148,13 +148,15 @@ def payload_bytes(record: ArrayRecord) -> int:
     return int(sum(len(arr.data) for arr in record.values()))
 
 
-def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
+def build_client_app(
+    overrides: dict[str, Any] | None = None, mods: list[Any] | None = None
+) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` plus ``overrides``.
 
     ``fedlora simulate`` passes its overrides here; ``flwr run`` uses the
     module-level ``app`` with the run config Flower delivers.
     """
-    client_app = ClientApp()
+    client_app = ClientApp(mods=mods or [])
     extra = dict(overrides or {})
 
     @client_app.train()

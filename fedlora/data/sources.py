@@ -81,6 +81,8 @@ def load_table(
             reader, data_files=str(file), split="train", keep_in_memory=True
         )
     except Exception as exc:  # datasets raises many types for malformed files
+        if "corresponds to no data" in str(exc):
+            raise DataError(f"data file {file} has a header but no rows") from exc
         raise DataError(f"data file {file} cannot be read as {reader}: {exc}") from exc
     columns = list(table.column_names)
     for role, column in (("text-column", text_column), ("label-column", label_column)):

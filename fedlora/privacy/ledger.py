@@ -1,29 +1,23 @@
 """A node's privacy spend, kept on the node's own disk.
 
-Differential privacy protects a node's examples only if *every* release
-computed from them is accounted. A federation can run many times (restarts,
-new runs, new servers), so the spend cannot live in server state or in memory:
-a node keeps a ledger file, one per ``(federation, dataset)`` pair, and checks
-it before each round. What this module adds to Opacus' accountants:
+DP protects a node's examples only if *every* release computed from them is
+accounted, across restarts, runs and servers. So the spend lives in a file on
+the node, one per ``(federation, dataset)``. What this adds to Opacus:
 
-* Persistence that survives crashes: the JSON file is replaced atomically
-  (temporary file in the same folder, ``fsync``, ``os.replace``, ``fsync`` of
-  the folder), so a reader sees the old ledger or the new one, never half.
-* Keys that cannot collide: :func:`ledger_key` hashes federation and dataset
-  fingerprint, so two federations, or two datasets, never share or reset each
-  other's spend.
-* Fail-closed loading: an unreadable, corrupt or inconsistent ledger raises
-  :class:`~fedlora.errors.PrivacyError`; it is never treated as "no spend".
+* Crash-safe persistence: the JSON file is replaced atomically (temporary file
+  in the same folder, ``fsync``, ``os.replace``, ``fsync`` of the folder), so
+  a reader sees the old ledger or the new one, never half of one.
+* Keys that cannot collide (:func:`ledger_key`): two federations or two
+  datasets never share, or reset, each other's spend.
+* Fail-closed loading: a corrupt or inconsistent ledger raises
+  :class:`~fedlora.errors.PrivacyError`; it is never read as "no spend".
 * A budget check that composes the whole history plus the next round in one
-  accountant call (never adding epsilons) and refuses with numbers a node
-  operator can act on.
+  accountant call (epsilons do not add) and refuses with actionable numbers.
 
-Use it in this order each round: :meth:`PrivacyLedger.check_budget`, train,
-:meth:`PrivacyLedger.record_round`, and only then send the update. If
-recording fails, the update must not leave the node.
-
-Deleting a ledger file resets that node's accounting; only the node operator
-can do that, and the file's name says what it is for.
+Each round: :meth:`PrivacyLedger.check_budget`, train,
+:meth:`PrivacyLedger.record_round`, then send the update; if recording fails
+the update must not leave the node. Deleting a ledger file resets that node's
+accounting, which only its operator can do.
 """
 
 from __future__ import annotations
@@ -38,7 +32,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, get_type_hints
 
 from fedlora.errors import ConfigError, DataError, PrivacyBudgetExceeded, PrivacyError
 from fedlora.privacy.accounting import HistoryEntry, epsilon
@@ -46,33 +40,17 @@ from fedlora.privacy.accounting import HistoryEntry, epsilon
 if sys.platform != "win32":
     import fcntl
 
-__all__ = [
-    "LEDGER_VERSION",
-    "BudgetExceeded",
-    "LedgerRound",
-    "PrivacyLedger",
-    "dataset_fingerprint",
-    "ledger_key",
-]
-
 LEDGER_VERSION = 1
 _CHUNK = 1 << 20
 
 
 class BudgetExceeded(PrivacyBudgetExceeded):
-    """:class:`PrivacyBudgetExceeded` carrying the numbers behind the refusal.
-
-    Attributes
-    ----------
-    spent, cap, projected
-        Epsilon already spent, the operator's cap, and the epsilon the next
-        round would have reached.
-    """
+    """:class:`PrivacyBudgetExceeded` with its numbers: epsilon ``spent``, the
+    operator's ``cap``, and the epsilon the round would have reached
+    (``projected``), so a caller can report them without parsing text."""
 
     def __init__(self, spent: float, cap: float, projected: float) -> None:
-        self.spent = spent
-        self.cap = cap
-        self.projected = projected
+        self.spent, self.cap, self.projected = spent, cap, projected
         super().__init__(
             f"privacy budget exhausted: spent ε={spent:.2f} of {cap:.2f}, this "
             f"round would cost {projected - spent:.2f} (ε would reach "
@@ -88,43 +66,34 @@ class BudgetExceeded(PrivacyBudgetExceeded):
 def ledger_key(federation: str, dataset_fingerprint: str) -> str:
     """Return the file-name-safe key of a ``(federation, dataset)`` ledger.
 
-    The pair is JSON-encoded before hashing so that no two different pairs
-    give the same input (``("a|b", "c")`` vs ``("a", "b|c")``).
-    """
-    if not (isinstance(federation, str) and isinstance(dataset_fingerprint, str)):
-        raise ConfigError("federation and dataset_fingerprint must be strings")
-    if not (federation and dataset_fingerprint):
+    The pair is JSON-encoded before hashing, so ``("a|b", "c")`` and
+    ``("a", "b|c")`` cannot collide."""
+    if not all(isinstance(v, str) and v for v in (federation, dataset_fingerprint)):
         raise ConfigError(
             f"federation={federation!r} and dataset_fingerprint="
-            f"{dataset_fingerprint!r} must both be non-empty"
+            f"{dataset_fingerprint!r} must both be non-empty strings"
         )
     payload = json.dumps(["fedlora-privacy-ledger", federation, dataset_fingerprint])
     return "ledger-" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def dataset_fingerprint(path: str | os.PathLike[str]) -> str:
-    """Return ``"sha256:<hex>"`` of a data file's bytes, or of a folder's files.
+    """Return ``"sha256:<hex>"`` of a data file's bytes, streamed.
 
-    The content is streamed, so large files need no memory. A folder hashes
-    every file below it with its relative path, in sorted order. The same
-    bytes always give the same ledger, whatever the file is named or where it
-    lives; any change of content starts a separate ledger.
+    The same bytes give the same ledger wherever the file lives or whatever
+    it is called; any change of content starts a separate ledger. A node
+    training on part of a file should fingerprint its part (for instance the
+    file's fingerprint plus its partition id), not the whole file.
     """
-    root = Path(path)
     digest = hashlib.sha256()
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-    else:
-        raise DataError(f"data path {root} does not exist; cannot fingerprint it")
-    for file in files:
-        if file is not root:
-            name = file.relative_to(root).as_posix().encode("utf-8")
-            digest.update(len(name).to_bytes(8, "big") + name)
-        with file.open("rb") as handle:
+    try:
+        with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(_CHUNK), b""):
                 digest.update(chunk)
+    except OSError as err:
+        raise DataError(
+            f"data file {path} cannot be read to fingerprint it: {err}"
+        ) from err
     return "sha256:" + digest.hexdigest()
 
 
@@ -177,43 +146,33 @@ def _exclusive(path: Path) -> Iterator[None]:
         yield
 
 
+@dataclass(eq=False)
 class PrivacyLedger:
     """The privacy spend of one node on one dataset in one federation.
 
-    Create it with :meth:`open`. The history on disk is the source of truth;
+    Create it with :meth:`open`. The recorded history is the source of truth:
     epsilon is recomputed from it with the ledger's accountant, so a restart
     reports exactly the same spend.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        federation: str,
-        dataset_fingerprint: str,
-        delta: float,
-        accountant: str,
-        rounds: list[LedgerRound],
-    ) -> None:
-        self.path = path
-        self.federation = federation
-        self.dataset_fingerprint = dataset_fingerprint
-        self.delta = delta
-        self.accountant = accountant
-        self._rounds = list(rounds)
-        epsilon([], delta, accountant)  # validates delta and accountant
+    path: Path
+    federation: str
+    dataset_fingerprint: str
+    delta: float
+    accountant: str
+    rounds: tuple[LedgerRound, ...] = ()
+
+    def __post_init__(self) -> None:
+        epsilon([], self.delta, self.accountant)  # validates both
 
     @property
     def key(self) -> str:
         return ledger_key(self.federation, self.dataset_fingerprint)
 
     @property
-    def rounds(self) -> tuple[LedgerRound, ...]:
-        return tuple(self._rounds)
-
-    @property
     def history(self) -> list[HistoryEntry]:
         """``(noise_multiplier, sample_rate, steps)`` per recorded round."""
-        return [r.history_entry for r in self._rounds]
+        return [r.history_entry for r in self.rounds]
 
     @classmethod
     def open(
@@ -226,16 +185,15 @@ class PrivacyLedger:
     ) -> PrivacyLedger:
         """Load the ledger for this federation and dataset, or create it.
 
-        A new ledger is written at once, so a folder that cannot be written
-        fails before any training.
+        A new ledger is written at once, so an unwritable folder fails before
+        any training.
 
         Raises
         ------
         PrivacyError
             If the file is unreadable or corrupt, or was kept with another
-            delta or accountant: the recorded spend is only meaningful with
-            the delta and accountant it was computed with, and starting a new
-            ledger instead would silently forget it.
+            delta or accountant: its spend means nothing under other ones,
+            and starting afresh would forget it.
         """
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
@@ -245,31 +203,32 @@ class PrivacyLedger:
                 ledger = cls._load(path)
                 if ledger.delta != delta or ledger.accountant != accountant:
                     raise PrivacyError(
-                        f"privacy ledger {path} was kept with delta={ledger.delta} "
-                        f"and accountant={ledger.accountant!r}, but this run asks "
-                        f"for delta={delta} and accountant={accountant!r}. The "
-                        "spend already recorded cannot be carried over, and "
-                        "resetting it would forget privacy already spent on this "
+                        f"privacy ledger {path} was kept with delta={ledger.delta}"
+                        f" and accountant {ledger.accountant}, not {delta} and "
+                        f"{accountant}: its spend cannot be carried over, and a "
+                        "new ledger would forget privacy already spent on this "
                         f"data. Set privacy-delta={ledger.delta} and "
-                        f"privacy-accountant={ledger.accountant} to continue"
+                        f"privacy-accountant={ledger.accountant}"
                     )
                 return ledger
-            ledger = cls(path, federation, dataset_fingerprint, delta, accountant, [])
+            ledger = cls(path, federation, dataset_fingerprint, delta, accountant)
             ledger._write(ledger.state_dict())
             return ledger
 
     @classmethod
     def _load(cls, path: Path) -> PrivacyLedger:
         try:
-            text = path.read_text(encoding="utf-8")
-            state = json.loads(text)
+            state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PrivacyError(
                 f"privacy ledger {path} cannot be read ({err}); refusing to "
                 "start from zero spend. Restore it from a backup, or if this "
                 "node's data has never been used, remove the file"
             ) from err
-        return cls.from_state_dict(state, path)
+        ledger = cls.from_state_dict(state, path)
+        if path.stem != ledger.key:
+            raise PrivacyError(f"privacy ledger {path} holds ledger {ledger.key}")
+        return ledger
 
     def spent_epsilon(self) -> float:
         """Return the epsilon spent by every recorded round, composed."""
@@ -280,8 +239,7 @@ class PrivacyLedger:
     ) -> float:
         """Return the epsilon after one more round with these parameters.
 
-        The whole history plus the new round goes to one accountant call;
-        epsilons do not add up under composition.
+        History and new round go to one accountant call: epsilons do not add.
         """
         entry = (noise_multiplier, sample_rate, steps)
         return epsilon([*self.history, entry], self.delta, self.accountant)
@@ -300,15 +258,11 @@ class PrivacyLedger:
         ConfigError
             If ``cap_epsilon`` is not a positive number.
         BudgetExceeded
-            (a :class:`PrivacyBudgetExceeded`) if the round would take the
-            spend past ``cap_epsilon``. The ledger is left unchanged.
+            A :class:`PrivacyBudgetExceeded`, if the round would take the spend
+            past ``cap_epsilon``; the ledger is left unchanged.
         """
-        if isinstance(cap_epsilon, bool) or not (
-            isinstance(cap_epsilon, int | float) and cap_epsilon > 0
-        ):
-            raise ConfigError(
-                f"privacy-epsilon-cap={cap_epsilon!r} must be a number > 0"
-            )
+        if type(cap_epsilon) not in (int, float) or not cap_epsilon > 0:
+            raise ConfigError(f"privacy-epsilon-cap={cap_epsilon!r} must be > 0")
         projected = self.projected_epsilon(noise_multiplier, sample_rate, steps)
         if projected > cap_epsilon:
             raise BudgetExceeded(self.spent_epsilon(), float(cap_epsilon), projected)
@@ -327,10 +281,10 @@ class PrivacyLedger:
         ------
         PrivacyError
             If the ledger cannot be written, or another process changed it
-            since it was opened. The in-memory ledger is then unchanged and
-            this round's update must not be sent.
+            since it was opened. The ledger is then unchanged and this round's
+            update must not be sent.
         """
-        if not _is_int(server_round):
+        if type(server_round) is not int:
             raise PrivacyError(f"server_round={server_round!r} is not an integer")
         eps = self.projected_epsilon(noise_multiplier, sample_rate, steps)
         entry = LedgerRound(
@@ -341,7 +295,7 @@ class PrivacyLedger:
             timestamp=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             epsilon_after=eps,
         )
-        rounds = [*self._rounds, entry]
+        rounds = (*self.rounds, entry)
         with _exclusive(self.path):
             on_disk = self._load(self.path) if self.path.exists() else None
             if on_disk is None or on_disk.rounds != self.rounds:
@@ -350,11 +304,8 @@ class PrivacyLedger:
                     "since this node opened it; another process may be training "
                     "on the same data. Stop the other process and restart this one"
                 )
-            state = self.state_dict()
-            state["rounds"] = [asdict(r) for r in rounds]
-            state["epsilon_spent"] = eps
-            self._write(state)
-        self._rounds = rounds
+            self._write(self._state(rounds, eps))
+        self.rounds = rounds
         return eps
 
     def _write(self, state: Mapping[str, Any]) -> None:
@@ -369,6 +320,9 @@ class PrivacyLedger:
 
     def state_dict(self) -> dict[str, Any]:
         """Return the ledger as JSON-ready data (what the file holds)."""
+        return self._state(self.rounds, self.spent_epsilon())
+
+    def _state(self, rounds: tuple[LedgerRound, ...], spent: float) -> dict[str, Any]:
         return {
             "version": LEDGER_VERSION,
             "key": self.key,
@@ -376,8 +330,8 @@ class PrivacyLedger:
             "dataset_fingerprint": self.dataset_fingerprint,
             "delta": self.delta,
             "accountant": self.accountant,
-            "rounds": [asdict(r) for r in self._rounds],
-            "epsilon_spent": self.spent_epsilon(),
+            "rounds": [asdict(r) for r in rounds],
+            "epsilon_spent": spent,
         }
 
     @classmethod
@@ -387,72 +341,59 @@ class PrivacyLedger:
         Raises
         ------
         PrivacyError
-            If any field is missing, of the wrong type, or inconsistent (e.g.
-            the key does not match federation and dataset).
+            If a field is missing, unknown, of the wrong type or inconsistent
+            (e.g. a key that does not match federation and dataset).
         """
         where = f"privacy ledger {path}"
-        if not isinstance(state, Mapping):
-            raise PrivacyError(f"{where} is not a JSON object")
-        if state.get("version") != LEDGER_VERSION:
+        if not isinstance(state, Mapping) or state.get("version") != LEDGER_VERSION:
             raise PrivacyError(
-                f"{where} has version {state.get('version')!r}; this fedlora "
-                f"reads version {LEDGER_VERSION}. Use the fedlora that wrote it"
+                f"{where} is not a version-{LEDGER_VERSION} fedlora ledger; "
+                "restore it, or use the fedlora version that wrote it"
             )
-        federation = state.get("federation")
-        fingerprint = state.get("dataset_fingerprint")
-        accountant = state.get("accountant")
-        if not isinstance(federation, str) or not isinstance(fingerprint, str):
-            raise PrivacyError(f"{where}: federation or dataset_fingerprint missing")
-        if state.get("key") != ledger_key(federation, fingerprint):
+        top = _typed(state, _LEDGER_FIELDS, where)
+        fed, fingerprint = top["federation"], top["dataset_fingerprint"]
+        if top["key"] != ledger_key(fed, fingerprint):
             raise PrivacyError(
-                f"{where}: key {state.get('key')!r} does not match its federation "
-                "and dataset; the file was edited or copied by hand"
+                f"{where}: key {top['key']!r} does not match its federation and "
+                "dataset; the file was edited or copied by hand"
             )
-        if not isinstance(accountant, str):
-            raise PrivacyError(f"{where}: accountant is {accountant!r}")
-        delta = _number(state, "delta", where)
-        raw_rounds = state.get("rounds")
-        if not isinstance(raw_rounds, list):
-            raise PrivacyError(f"{where}: rounds is {raw_rounds!r}, not a list")
-        rounds = [
-            _round_from_json(r, f"{where}, round entry {i}")
-            for i, r in enumerate(raw_rounds)
-        ]
+        rounds = tuple(
+            LedgerRound(**_typed(r, _ROUND_FIELDS, f"{where}, round {i}"))
+            for i, r in enumerate(top["rounds"])
+        )
         try:
-            ledger = cls(Path(path), federation, fingerprint, delta, accountant, rounds)
+            ledger = cls(Path(path), fed, fingerprint, top["delta"], top["accountant"])
+            ledger.rounds = rounds
             ledger.spent_epsilon()  # the history must be accountable
         except (ConfigError, PrivacyError) as err:
             raise PrivacyError(f"{where} is inconsistent: {err}") from err
         return ledger
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+_LEDGER_FIELDS: dict[str, type] = {
+    "version": int,
+    "key": str,
+    "federation": str,
+    "dataset_fingerprint": str,
+    "delta": float,
+    "accountant": str,
+    "rounds": list,
+    "epsilon_spent": float,
+}
+_ROUND_FIELDS: dict[str, type] = get_type_hints(LedgerRound)
 
 
-def _number(state: Mapping[str, Any], key: str, where: str) -> float:
-    value = state.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PrivacyError(f"{where}: field {key!r} is {value!r}, not a number")
-    return float(value)
-
-
-def _round_from_json(raw: Any, where: str) -> LedgerRound:
-    if not isinstance(raw, Mapping):
-        raise PrivacyError(f"{where} is not a JSON object")
-    server_round, steps, stamp = (
-        raw.get(k) for k in ("server_round", "steps", "timestamp")
-    )
-    if not (_is_int(server_round) and _is_int(steps) and isinstance(stamp, str)):
-        raise PrivacyError(
-            f"{where}: server_round={server_round!r}, steps={steps!r}, "
-            f"timestamp={stamp!r}; expected an integer, an integer and a string"
-        )
-    return LedgerRound(
-        server_round=server_round,
-        noise_multiplier=_number(raw, "noise_multiplier", where),
-        sample_rate=_number(raw, "sample_rate", where),
-        steps=steps,
-        timestamp=stamp,
-        epsilon_after=_number(raw, "epsilon_after", where),
-    )
+def _typed(raw: Any, types: Mapping[str, type], where: str) -> dict[str, Any]:
+    """Return ``raw`` as a dict after checking it has exactly these typed fields."""
+    if not isinstance(raw, Mapping) or set(raw) != set(types):
+        got = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
+        raise PrivacyError(f"{where} must have the fields {sorted(types)}; got {got}")
+    out = {}
+    for name, kind in types.items():
+        value = raw[name]
+        if kind is float and type(value) is int:
+            value = float(value)  # JSON writes 1.0 as 1 in some tools
+        if type(value) is not kind:
+            raise PrivacyError(f"{where}: {name}={value!r} is not a {kind.__name__}")
+        out[name] = value
+    return out

@@ -62,7 +62,11 @@ def resolve_config(overrides: dict[str, Any]) -> RunConfig:
 
 
 def simulate(
-    overrides: dict[str, Any], num_clients: int, resources: Resources, verbose: bool = False
+    overrides: dict[str, Any],
+    num_clients: int,
+    resources: Resources,
+    verbose: bool = False,
+    client_mods: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Run the federation; returns the run's status record."""
     from flwr.simulation import run_simulation
@@ -91,7 +95,7 @@ def simulate(
         try:
             run_simulation(
                 server_app=build_server_app(flat),
-                client_app=build_client_app(flat),
+                client_app=build_client_app(flat, client_mods),
                 num_supernodes=num_clients,
                 backend_config=resources.backend_config(),  # type: ignore[arg-type]
                 verbose_logging=verbose,

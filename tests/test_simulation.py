@@ -1,0 +1,129 @@
+"""Real Flower simulations (Ray) of the real ServerApp/ClientApp on a tiny BERT."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.config import LoraSettings
+from fedlora.models import adapter_state, build_model, load_adapter_state
+from fedlora.simulations.engine import Resources, simulate
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _overrides(model_dir: Path, data: Path, run_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "model-path": str(model_dir),
+        "dataset": "file",
+        "data-file": str(data),
+        "partitioner": "iid",
+        "num-server-rounds": 2,
+        "lora-rank": 4,
+        "lora-alpha": 8,
+        "lora-dropout": 0.0,
+        "batch-size": 8,
+        "learning-rate": 0.01,
+        "max-seq-length": 32,
+        "min-train-nodes": 2,
+        "run-dir": str(run_dir),
+        "seed": 3,
+        **extra,
+    }
+
+
+def _fail_partition_zero(msg: Any, context: Any, call_next: Any) -> Any:
+    """A site whose node crashes on every message (a real exception in the app)."""
+    if int(context.node_config.get("partition-id", -1)) == 0 and msg.metadata.message_type == "train":
+        raise RuntimeError("disk on fire at site 0")
+    return call_next(msg, context)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir: Path, text_csv: Path, tmp_path_factory: pytest.TempPathFactory):
+    run_dir = tmp_path_factory.mktemp("run-a")
+    status = simulate(_overrides(tiny_model_dir, text_csv, run_dir), 3, Resources(num_cpus=1))
+    return run_dir, status
+
+
+def test_simulation_completes_and_writes_metrics(finished_run: tuple[Path, dict]) -> None:
+    run_dir, status = finished_run
+    assert status["status"] == "completed", status
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["clients_ok"] == 3 for r in rounds[1:])
+    assert all(r["bytes_uploaded"] > 0 for r in rounds[1:])
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "global_accuracy" in header and "bytes_uploaded" in header
+
+
+def test_global_adapter_changed_and_export_reloads_identically(
+    finished_run: tuple[Path, dict], tiny_model_dir: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir, _ = finished_run
+    lora = LoraSettings(rank=4, alpha=8, dropout=0.0)
+    model = build_model(tiny_model_dir, 3, lora, seed=3)
+    initial = adapter_state(model)
+    final = dict(np.load(io.BytesIO((run_dir / "checkpoint" / "adapter.npz").read_bytes())))
+    assert set(final) == set(initial)
+    changed = [k for k in initial if not np.allclose(initial[k], final[k])]
+    assert any(".lora_B." in k for k in changed)
+    assert any("classifier" in k for k in changed)
+
+    load_adapter_state(model, final)
+    ids = torch.tensor([[2, 40, 41, 42, 3]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=3)
+    reloaded = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-6)
+    labels = json.loads((run_dir / "adapter" / "fedlora_labels.json").read_text())["labels"]
+    assert labels == ["money", "sport", "tech"]
+
+
+def test_same_seed_gives_identical_metrics(
+    finished_run: tuple[Path, dict], tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    run_a, _ = finished_run
+    status = simulate(_overrides(tiny_model_dir, text_csv, tmp_path), 3, Resources(num_cpus=1))
+    assert status["status"] == "completed"
+    keys = ("global_accuracy", "global_loss", "train_loss", "bytes_uploaded")
+    a = json.loads((run_a / "metrics.json").read_text())["rounds"]
+    b = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+
+
+def test_one_failing_client_does_not_stop_the_run(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    status = simulate(
+        _overrides(tiny_model_dir, text_csv, tmp_path), 3, Resources(num_cpus=1),
+        client_mods=[_fail_partition_zero],
+    )
+    assert status["status"] == "completed", status
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert all(r["clients_ok"] == 2 and r["clients_failed"] == 1 for r in rounds[1:])
+    assert any("disk on fire" in f for f in rounds[1]["failures"])
+
+
+def test_too_few_replies_stops_cleanly_with_reason(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    status = simulate(
+        _overrides(tiny_model_dir, text_csv, tmp_path, **{"min-train-nodes": 3}), 3,
+        Resources(num_cpus=1), client_mods=[_fail_partition_zero],
+    )
+    assert status["status"] == "stopped"
+    assert "only 2 of 3 sampled nodes replied" in status["reason"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
