@@ -169,7 +169,7 @@ def load_ca(out_dir: str | os.PathLike[str]) -> CertificateAuthority:
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"CA key {key_path} is not an EC private key.")
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    if cert.public_key() != key.public_key():
         raise ConfigError(
             f"CA key {key_path} does not belong to CA certificate {cert_path}. "
             f"Recreate both with `{CERTS_COMMAND} --out {out} --overwrite`."
@@ -240,18 +240,14 @@ def create_server_cert(
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
             critical=False,
         )
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                ca_ski.value
-            ),
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value),
             critical=False,
         )
         .sign(ca.key, hashes.SHA256())
@@ -290,11 +286,7 @@ def create_node_keys(
         for name in names
     }
     _refuse_existing(
-        [
-            p
-            for pair in pairs.values()
-            for p in (pair.private_key_path, pair.public_key_path)
-        ],
+        [p for pair in pairs.values() for p in (pair.private_key_path, pair.public_key_path)],
         overwrite,
     )
     nodes_dir.mkdir(parents=True, exist_ok=True)
@@ -309,9 +301,7 @@ def create_node_keys(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
         _write_private(pair.private_key_path, private, overwrite)
-        _write_public(
-            pair.public_key_path, public + f" {pair.name}\n".encode(), overwrite
-        )
+        _write_public(pair.public_key_path, public + f" {pair.name}\n".encode(), overwrite)
     return pairs
 
 
@@ -399,8 +389,7 @@ def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
 def _check_node_names(node_names: Iterable[str]) -> list[str]:
     if isinstance(node_names, str):
         raise ConfigError(
-            f"node_names={node_names!r} is a string; give a list such as "
-            f"[{node_names!r}]."
+            f"node_names={node_names!r} is a string; give a list such as [{node_names!r}]."
         )
     names = list(node_names)
     for name in names:
@@ -412,9 +401,7 @@ def _check_node_names(node_names: Iterable[str]) -> list[str]:
             )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ConfigError(
-            f"node names repeat: {', '.join(duplicates)}; names must be unique."
-        )
+        raise ConfigError(f"node names repeat: {', '.join(duplicates)}; names must be unique.")
     return names
 
 

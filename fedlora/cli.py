@@ -69,7 +69,8 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a federated simulation of N virtual clients (Flower simulation engine)."""
-    from fedlora.simulations.engine import Resources, simulate as run
+    from fedlora.simulations.engine import Resources
+    from fedlora.simulations.engine import simulate as run
     from fedlora.simulations.report import summary_table
 
     try:

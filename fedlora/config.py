@@ -38,7 +38,7 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 
 
-def _field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors PEFT's style
+def _field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
@@ -79,9 +79,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
-        _require(
-            0 < self.learning_rate < 1, "learning-rate", self.learning_rate, "0 < x < 1"
-        )
+        _require(0 < self.learning_rate < 1, "learning-rate", self.learning_rate, "0 < x < 1")
         _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
         _require(
             8 <= self.max_seq_length <= 4096,
@@ -116,16 +114,10 @@ class DataSettings:
     test_fraction: float = _field(0.2, "Share held out for the server's global test.")
 
     def __post_init__(self) -> None:
-        _require(
-            0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "0 < x < 1"
-        )
-        _require(
-            self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "x > 0"
-        )
+        _require(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "0 < x < 1")
+        _require(self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "x > 0")
         _require(bool(self.text_column), "text-column", self.text_column, "a column name")
-        _require(
-            bool(self.label_column), "label-column", self.label_column, "a column name"
-        )
+        _require(bool(self.label_column), "label-column", self.label_column, "a column name")
         if self.dataset == "file" and not self.data_file:
             raise ConfigError(
                 "dataset='file' needs data-file: set data-file=/path/to/data.csv "
@@ -164,9 +156,7 @@ class RunConfig:
             self.num_server_rounds,
             ">= 1",
         )
-        _require(
-            0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "0 < x <= 1"
-        )
+        _require(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "0 < x <= 1")
         _require(
             0 <= self.fraction_evaluate <= 1,
             "fraction-evaluate",
@@ -229,17 +219,18 @@ def _flat_name(attr: str) -> str:
 
 # flat key -> (group attribute on RunConfig or "", attribute name, type)
 _FLAT_FIELDS: dict[str, tuple[str, str, type]] = {}
-for _group, _cls in (("", RunConfig), ("lora", LoraSettings), ("train", TrainSettings),
-                     ("data", DataSettings)):
+for _group, _cls in (
+    ("", RunConfig),
+    ("lora", LoraSettings),
+    ("train", TrainSettings),
+    ("data", DataSettings),
+):
     for _f in dataclasses.fields(_cls):
         if _f.name in ("lora", "train", "data"):
             continue
         _prefix = "lora-" if _group == "lora" else ""
-        _type = {"int": int, "float": float, "str": str, "tuple[str, ...]": tuple}[
-            str(_f.type)
-        ]
+        _type = {"int": int, "float": float, "str": str, "tuple[str, ...]": tuple}[str(_f.type)]
         _FLAT_FIELDS[_prefix + _flat_name(_f.name)] = (_group, _f.name, _type)
-
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:

@@ -31,7 +31,8 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -258,9 +259,7 @@ def supernode_command(
     return command
 
 
-def register_node_command(
-    public_key: str | os.PathLike[str], connection: str
-) -> list[str]:
+def register_node_command(public_key: str | os.PathLike[str], connection: str) -> list[str]:
     """``flwr supernode register`` for one node's public key (JSON output)."""
     key = require_file(public_key, "SuperNode public key")
     flwr = _flower_executable("flwr")
@@ -335,8 +334,7 @@ def flwr_json(
     if not isinstance(payload, dict) or not payload.get("success", False):
         detail = (payload or {}).get("error-message") or done.stderr or done.stdout
         raise DeploymentError(
-            f"`{' '.join(command)}` failed (exit {done.returncode}): "
-            f"{str(detail).strip()[-2000:]}"
+            f"`{' '.join(command)}` failed (exit {done.returncode}): {str(detail).strip()[-2000:]}"
         )
     return payload
 
@@ -548,9 +546,7 @@ class LocalProcess:
         if self.ready_port is None:
             return
         try:
-            wait_for_port(
-                self.ready_host, self.ready_port, self.ready_timeout, process=self.popen
-            )
+            wait_for_port(self.ready_host, self.ready_port, self.ready_timeout, process=self.popen)
         except DeploymentError as err:
             self.stop()
             raise DeploymentError(
@@ -613,6 +609,12 @@ class LocalProcess:
         _terminate_and_reap(children, self.stop_timeout)
 
 
+def stop_all(processes: Iterable[LocalProcess]) -> None:
+    """Stop several processes at once; each graceful shutdown takes seconds."""
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(LocalProcess.stop, processes))
+
+
 def _terminate_and_reap(procs: list[psutil.Process], timeout: float) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -640,9 +642,7 @@ def _flower_executable(name: str) -> str:
 
 def _check_app_pyproject(pyproject: Path) -> None:
     if not pyproject.is_file():
-        raise ConfigError(
-            f"Flower App folder {pyproject.parent} has no pyproject.toml."
-        )
+        raise ConfigError(f"Flower App folder {pyproject.parent} has no pyproject.toml.")
     with pyproject.open("rb") as handle:
         flwr_tool = tomllib.load(handle).get("tool", {}).get("flwr", {})
     if "federations" in flwr_tool:

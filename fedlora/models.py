@@ -128,7 +128,7 @@ def build_model(
             base = base.to(device)
             config = LoraConfig(
                 r=lora.rank,
-                lora_alpha=lora.alpha,
+                lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
                 lora_dropout=lora.dropout,
                 target_modules=list(lora.target_modules),
                 task_type="SEQ_CLS",
@@ -158,9 +158,7 @@ class _CacheKey:
 _MODEL_CACHE: dict[_CacheKey, Any] = {}
 
 
-def cached_model(
-    model_path: str | None, num_labels: int, lora: LoraSettings, seed: int
-) -> Any:
+def cached_model(model_path: str | None, num_labels: int, lora: LoraSettings, seed: int) -> Any:
     """One model per worker process, reused by every virtual client it serves.
 
     Safe because the frozen base never changes and every use starts by loading

@@ -13,9 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = {
-    "sport": "match goal team player coach league score win season club".split(),
-    "money": "bank market shares profit price trade growth economy loan fund".split(),
-    "tech": "software phone internet chip computer data network app code robot".split(),
+    "sport": ["match", "goal", "team", "player", "coach", "league", "score", "win", "season", "club"],
+    "money": ["bank", "market", "shares", "profit", "price", "trade", "growth", "economy", "loan", "fund"],
+    "tech": ["software", "phone", "internet", "chip", "computer", "data", "network", "app", "code", "robot"],
 }
 LABELS = ("money", "sport", "tech")
 
@@ -24,9 +24,7 @@ def _vocab() -> list[str]:
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     words = sorted({w for ws in WORDS.values() for w in ws} | {"the", "a", "and", "of"})
-    return (
-        special + letters + ["##" + c for c in letters] + list("0123456789.,!?") + words
-    )
+    return special + letters + ["##" + c for c in letters] + list("0123456789.,!?") + words
 
 
 def make_tiny_model(folder: Path, hidden: int = 16) -> Path:

@@ -58,9 +58,7 @@ def test_server_cert_chains_to_ca_and_key_matches(plan):
     server.verify_directly_issued_by(ca)  # raises if the signature is wrong
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    key = load_pem_private_key(
-        plan["superlink"]["ssl-keyfile"].read_bytes(), password=None
-    )
+    key = load_pem_private_key(plan["superlink"]["ssl-keyfile"].read_bytes(), password=None)
     assert key.public_key() == server.public_key()
 
 
@@ -100,9 +98,7 @@ def test_private_keys_are_0600_and_public_files_are_not(plan):
 def test_plan_gives_each_party_only_what_it_needs(plan):
     ca_key = plan["operator"]["ca-key"]
     node_keys = {plan[f"supernode:{n}"]["auth-supernode-private-key"] for n in NODES}
-    assert set(plan) == {"operator", "superlink", "flwr-cli"} | {
-        f"supernode:{n}" for n in NODES
-    }
+    assert set(plan) == {"operator", "superlink", "flwr-cli"} | {f"supernode:{n}" for n in NODES}
     for party, files in plan.items():
         if party != "operator":
             assert ca_key not in files.values(), party

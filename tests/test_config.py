@@ -19,9 +19,7 @@ def test_pyproject_app_config_equals_python_defaults() -> None:
 
 
 def test_flat_round_trip_and_typed_groups() -> None:
-    cfg = RunConfig.from_flat(
-        {"lora-rank": 4, "lora-target-modules": "query, key ,value"}
-    )
+    cfg = RunConfig.from_flat({"lora-rank": 4, "lora-target-modules": "query, key ,value"})
     assert cfg.lora.rank == 4
     assert cfg.lora.target_modules == ("query", "key", "value")
     assert RunConfig.from_flat(cfg.to_flat()) == cfg
@@ -39,19 +37,13 @@ def test_flat_round_trip_and_typed_groups() -> None:
         ("local-epochs", True, "'local-epochs' has value True"),
     ],
 )
-def test_bad_values_name_key_value_and_allowed(
-    key: str, value: object, fragment: str
-) -> None:
-    with pytest.raises(
-        ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")
-    ):
+def test_bad_values_name_key_value_and_allowed(key: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         RunConfig.from_flat({key: value})
 
 
 def test_unknown_key_lists_known_keys() -> None:
-    with pytest.raises(
-        ConfigError, match="unknown config key 'learning_rate'.*learning-rate"
-    ):
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'.*learning-rate"):
         RunConfig.from_flat({"learning_rate": 0.01})
 
 

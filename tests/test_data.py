@@ -20,13 +20,19 @@ SPACE = LabelSpace.of(["cardiology", "neurology", "oncology"])
 def test_csv_jsonl_parquet_give_the_same_rows(tmp_path: Path) -> None:
     import pandas as pd
 
-    frame = pd.DataFrame({"note": ["chest pain", "seizure", "tumour"],
-                          "dept": ["cardiology", "neurology", "oncology"]})
+    frame = pd.DataFrame(
+        {
+            "note": ["chest pain", "seizure", "tumour"],
+            "dept": ["cardiology", "neurology", "oncology"],
+        }
+    )
     frame.to_csv(tmp_path / "a.csv", index=False)
     frame.to_json(tmp_path / "a.jsonl", orient="records", lines=True)
     frame.to_parquet(tmp_path / "a.parquet")
-    loaded = [load_table(tmp_path / f"a.{ext}", "note", "dept", SPACE)
-              for ext in ("csv", "jsonl", "parquet")]
+    loaded = [
+        load_table(tmp_path / f"a.{ext}", "note", "dept", SPACE)
+        for ext in ("csv", "jsonl", "parquet")
+    ]
     assert all(d.texts == ("chest pain", "seizure", "tumour") for d in loaded)
     assert all(d.label_ids == (0, 1, 2) for d in loaded)
 
@@ -49,7 +55,9 @@ def test_missing_file_names_path_and_fix(tmp_path: Path) -> None:
 
 def test_missing_column_lists_columns_and_key(tmp_path: Path) -> None:
     (tmp_path / "notes.csv").write_text("text,y\nhello,cardiology\n")
-    with pytest.raises(DataError, match=r"no column 'label'; columns are: text, y\. Set label-column"):
+    with pytest.raises(
+        DataError, match=r"no column 'label'; columns are: text, y\. Set label-column"
+    ):
         load_table(tmp_path / "notes.csv", "text", "label", SPACE)
 
 
@@ -103,8 +111,9 @@ def test_stratified_split_is_seeded_and_covers_every_label(text_csv: Path) -> No
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
 def test_partitions_are_deterministic_and_disjoint(text_csv: Path, partitioner: str) -> None:
-    settings = DataSettings(dataset="file", data_file=str(text_csv), partitioner=partitioner,
-                            dirichlet_alpha=0.3)
+    settings = DataSettings(
+        dataset="file", data_file=str(text_csv), partitioner=partitioner, dirichlet_alpha=0.3
+    )
     parts = [client_partition(settings, 11, i, 4) for i in range(4)]
     again = [client_partition(settings, 11, i, 4) for i in range(4)]
     assert [p.texts for p in parts] == [p.texts for p in again]
@@ -121,8 +130,9 @@ def test_column_partitioner_follows_the_site_column(tmp_path: Path) -> None:
     from conftest import make_text_csv
 
     csv = make_text_csv(tmp_path / "sites.csv", n=90, sites=3)
-    settings = DataSettings(dataset="file", data_file=str(csv), partitioner="column",
-                            partition_column="site")
+    settings = DataSettings(
+        dataset="file", data_file=str(csv), partitioner="column", partition_column="site"
+    )
     parts = [client_partition(settings, 0, i, 3) for i in range(3)]
     assert all(len(set(p.groups)) == 1 for p in parts)
     assert {p.groups[0] for p in parts} == {"site-0", "site-1", "site-2"}
@@ -131,7 +141,9 @@ def test_column_partitioner_follows_the_site_column(tmp_path: Path) -> None:
 
 
 def test_unknown_partitioner_lists_known() -> None:
-    with pytest.raises(ConfigError, match="'partitioner' has value 'random'; allowed: iid, dirichlet"):
+    with pytest.raises(
+        ConfigError, match="'partitioner' has value 'random'; allowed: iid, dirichlet"
+    ):
         check_partitioner("random")
 
 

@@ -65,8 +65,7 @@ def test_adapter_state_round_trip(tiny_model_dir: Path) -> None:
     model = build_model(tiny_model_dir, 3, LORA, seed=0)
     rng = np.random.default_rng(0)
     new = {
-        k: rng.standard_normal(v.shape).astype(np.float32)
-        for k, v in adapter_state(model).items()
+        k: rng.standard_normal(v.shape).astype(np.float32) for k, v in adapter_state(model).items()
     }
     load_adapter_state(model, new)
     back = adapter_state(model)
@@ -87,24 +86,19 @@ def test_load_is_strict(tiny_model_dir: Path) -> None:
         load_adapter_state(model, {**state, key: np.zeros((1, 1), np.float32)})
 
 
-def test_export_reloads_with_peft_to_identical_logits(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_export_reloads_with_peft_to_identical_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     model = build_model(tiny_model_dir, 3, LORA, seed=0)
     rng = np.random.default_rng(1)
     trained = {
-        k: rng.standard_normal(v.shape).astype(np.float32)
-        for k, v in adapter_state(model).items()
+        k: rng.standard_normal(v.shape).astype(np.float32) for k, v in adapter_state(model).items()
     }
     export_adapter(model, trained, tmp_path / "adapter", ["a", "b", "c"], {"rounds": 1})
     expected = _logits(model)
 
-    base = AutoModelForSequenceClassification.from_pretrained(
-        str(tiny_model_dir), num_labels=3
-    )
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=3)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     assert torch.allclose(_logits(reloaded), expected, atol=1e-6)
     again, labels = load_exported(tmp_path / "adapter", str(tiny_model_dir))

@@ -40,7 +40,10 @@ def _overrides(model_dir: Path, data: Path, run_dir: Path, **extra: Any) -> dict
 
 def _fail_partition_zero(msg: Any, context: Any, call_next: Any) -> Any:
     """A site whose node crashes on every message (a real exception in the app)."""
-    if int(context.node_config.get("partition-id", -1)) == 0 and msg.metadata.message_type == "train":
+    if (
+        int(context.node_config.get("partition-id", -1)) == 0
+        and msg.metadata.message_type == "train"
+    ):
         raise RuntimeError("disk on fire at site 0")
     return call_next(msg, context)
 
@@ -108,7 +111,9 @@ def test_one_failing_client_does_not_stop_the_run(
     tiny_model_dir: Path, text_csv: Path, tmp_path: Path
 ) -> None:
     status = simulate(
-        _overrides(tiny_model_dir, text_csv, tmp_path), 3, Resources(num_cpus=1),
+        _overrides(tiny_model_dir, text_csv, tmp_path),
+        3,
+        Resources(num_cpus=1),
         client_mods=[_fail_partition_zero],
     )
     assert status["status"] == "completed", status
@@ -121,8 +126,10 @@ def test_too_few_replies_stops_cleanly_with_reason(
     tiny_model_dir: Path, text_csv: Path, tmp_path: Path
 ) -> None:
     status = simulate(
-        _overrides(tiny_model_dir, text_csv, tmp_path, **{"min-train-nodes": 3}), 3,
-        Resources(num_cpus=1), client_mods=[_fail_partition_zero],
+        _overrides(tiny_model_dir, text_csv, tmp_path, **{"min-train-nodes": 3}),
+        3,
+        Resources(num_cpus=1),
+        client_mods=[_fail_partition_zero],
     )
     assert status["status"] == "stopped"
     assert "only 2 of 3 sampled nodes replied" in status["reason"]

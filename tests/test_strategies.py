@@ -14,19 +14,25 @@ pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def _reply(arrays: dict[str, np.ndarray], n: int, loss: float) -> Message:
-    content = RecordDict({
-        ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({METRIC_NUM_EXAMPLES: n, "loss": loss}),
-    })
+    content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({METRIC_NUM_EXAMPLES: n, "loss": loss}),
+        }
+    )
     # A plain message stands in for the reply's envelope; aggregation reads content.
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
 def test_fedavg_over_adapters_is_the_example_weighted_mean() -> None:
-    a = {"x.lora_A.weight": np.array([[1.0, 2.0]], np.float32),
-         "head.bias": np.array([0.0, 3.0], np.float32)}
-    b = {"x.lora_A.weight": np.array([[4.0, -1.0]], np.float32),
-         "head.bias": np.array([6.0, 0.0], np.float32)}
+    a = {
+        "x.lora_A.weight": np.array([[1.0, 2.0]], np.float32),
+        "head.bias": np.array([0.0, 3.0], np.float32),
+    }
+    b = {
+        "x.lora_A.weight": np.array([[4.0, -1.0]], np.float32),
+        "head.bias": np.array([6.0, 0.0], np.float32),
+    }
     strategy = build_strategy("fedavg")
     arrays, metrics = strategy.aggregate_train(1, [_reply(a, 10, 1.0), _reply(b, 20, 4.0)])
     assert arrays is not None and metrics is not None
@@ -44,8 +50,19 @@ def test_fedmedian_takes_the_coordinate_median() -> None:
 
 
 def test_every_flower_strategy_is_registered() -> None:
-    expected = {"fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "krum",
-                "multikrum", "fedmedian", "fedtrimmedavg", "bulyan"}
+    expected = {
+        "fedavg",
+        "fedavgm",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "krum",
+        "multikrum",
+        "fedmedian",
+        "fedtrimmedavg",
+        "bulyan",
+    }
     assert expected <= set(STRATEGIES)
 
 

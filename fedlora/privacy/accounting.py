@@ -102,9 +102,7 @@ def _clean_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
     return cleaned
 
 
-def epsilon(
-    history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp"
-) -> float:
+def epsilon(history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp") -> float:
     """Return the epsilon spent by a whole DP-SGD history at ``delta``.
 
     Parameters
@@ -186,9 +184,7 @@ def noise_multiplier_for(
     _check_accountant(accountant)
     _check_delta(delta)
     if not (isinstance(target_epsilon, int | float) and 0 < target_epsilon < math.inf):
-        raise ConfigError(
-            f"privacy-target-epsilon={target_epsilon!r} must be a finite number > 0"
-        )
+        raise ConfigError(f"privacy-target-epsilon={target_epsilon!r} must be a finite number > 0")
     if not (isinstance(sample_rate, int | float) and 0.0 < sample_rate <= 1.0):
         raise ConfigError(f"sample_rate={sample_rate!r} must be in (0, 1]")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -211,8 +207,7 @@ def noise_multiplier_for(
         ) from err
     except (ArithmeticError, RuntimeError) as err:
         raise PrivacyError(
-            f"the {accountant} accountant failed while searching a noise "
-            f"multiplier: {err}"
+            f"the {accountant} accountant failed while searching a noise multiplier: {err}"
         ) from err
     reached = epsilon([(sigma, sample_rate, steps)], delta, accountant)
     if reached > target_epsilon:
@@ -223,9 +218,7 @@ def noise_multiplier_for(
     return sigma
 
 
-def steps_per_round(
-    num_examples: int, batch_size: int, local_epochs: int
-) -> tuple[float, int]:
+def steps_per_round(num_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
     """Return ``(sample_rate, steps)`` of one round of local DP-SGD.
 
     With Poisson sampling each example joins each step's batch independently

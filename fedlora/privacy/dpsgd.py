@@ -108,9 +108,7 @@ class DPConfig:
     poisson_sampling: bool = _option(
         True, "privacy-poisson-sampling", "Poisson batches, as accountants assume."
     )
-    secure_rng: bool = _option(
-        True, "privacy-secure-rng", "OS-seeded noise; false only in tests."
-    )
+    secure_rng: bool = _option(True, "privacy-secure-rng", "OS-seeded noise; false only in tests.")
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -123,8 +121,7 @@ class DPConfig:
             value = getattr(self, name)
             if value is not None and not _positive(value):
                 raise ConfigError(
-                    f"{_key(name)}={value!r} is not allowed; it must be a finite "
-                    "number > 0"
+                    f"{_key(name)}={value!r} is not allowed; it must be a finite number > 0"
                 )
         if not (_positive(self.delta) and self.delta < 1):
             raise ConfigError(
@@ -143,8 +140,7 @@ class DPConfig:
         for name in ("poisson_sampling", "secure_rng"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
-                    f"{_key(name)}={getattr(self, name)!r} is not allowed; "
-                    "allowed: true, false"
+                    f"{_key(name)}={getattr(self, name)!r} is not allowed; allowed: true, false"
                 )
 
 
@@ -321,9 +317,7 @@ def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None
     while the model trains nothing; missing ones would never be updated.
     """
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    held = {
-        id(p) for g in optimizer.param_groups for p in g["params"] if p.requires_grad
-    }
+    held = {id(p) for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
     if held != trainable:
         raise PrivacyError(
             f"the optimizer holds {len(held - trainable)} trainable parameters "
@@ -358,9 +352,7 @@ def _generators(
         )
         warnings.warn(message, ReproducibleNoiseWarning, stacklevel=3)
         logger.warning(message)
-        drawn = torch.randint(
-            0, 2**62, (2,), generator=generator, device=generator.device
-        )
+        drawn = torch.randint(0, 2**62, (2,), generator=generator, device=generator.device)
         seeds = [int(s) for s in drawn]
     noise_rng = torch.Generator(device=device)
     noise_rng.manual_seed(seeds[0])

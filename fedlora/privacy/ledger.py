@@ -91,9 +91,7 @@ def dataset_fingerprint(path: str | os.PathLike[str]) -> str:
             for chunk in iter(lambda: handle.read(_CHUNK), b""):
                 digest.update(chunk)
     except OSError as err:
-        raise DataError(
-            f"data file {path} cannot be read to fingerprint it: {err}"
-        ) from err
+        raise DataError(f"data file {path} cannot be read to fingerprint it: {err}") from err
     return "sha256:" + digest.hexdigest()
 
 
@@ -115,9 +113,7 @@ class LedgerRound:
 
 def _atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``data`` so readers see old or new, never half."""
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=True, allow_nan=True)
@@ -234,9 +230,7 @@ class PrivacyLedger:
         """Return the epsilon spent by every recorded round, composed."""
         return epsilon(self.history, self.delta, self.accountant)
 
-    def projected_epsilon(
-        self, noise_multiplier: float, sample_rate: float, steps: int
-    ) -> float:
+    def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Return the epsilon after one more round with these parameters.
 
         History and new round go to one accountant call: epsilons do not add.

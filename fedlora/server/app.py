@@ -72,7 +72,7 @@ def write_status(run_dir: Path, status: str, reason: str = "", **extra: Any) -> 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord) -> None:
     """Latest global adapter and its round, written atomically."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays_to_state(arrays))
+    np.savez(buffer, **arrays_to_state(arrays))  # type: ignore[arg-type]
     ckpt = run_dir / CHECKPOINT_DIR
     atomic_write_bytes(ckpt / "adapter.npz", buffer.getvalue())
     atomic_write_json(ckpt / "state.json", {"round": server_round})
@@ -84,8 +84,7 @@ class GlobalEvaluator:
     def __init__(self, cfg: RunConfig, model: Any):
         _pool, test = simulation_split(cfg.data, cfg.seed)
         self.model = model
-        self.test = encode(load_tokenizer(cfg.model_path or None), test,
-                           cfg.train.max_seq_length)
+        self.test = encode(load_tokenizer(cfg.model_path or None), test, cfg.train.max_seq_length)
         self.labels = list(test.labels.names)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
@@ -111,10 +110,17 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
         strategy = build_strategy(cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate)
         evaluator = GlobalEvaluator(cfg, model)
         initial = evaluator(0, arrays)
-        history.add(RoundRecord(round=0, global_loss=initial[METRIC_LOSS],
-                                global_accuracy=initial[METRIC_ACCURACY]))
-        log.info("[round 0/%d] global acc %.3f · loss %.3f (before training)",
-                 cfg.num_server_rounds, initial[METRIC_ACCURACY], initial[METRIC_LOSS])
+        history.add(
+            RoundRecord(
+                round=0, global_loss=initial[METRIC_LOSS], global_accuracy=initial[METRIC_ACCURACY]
+            )
+        )
+        log.info(
+            "[round 0/%d] global acc %.3f · loss %.3f (before training)",
+            cfg.num_server_rounds,
+            initial[METRIC_ACCURACY],
+            initial[METRIC_LOSS],
+        )
         latest = {"arrays": arrays}
 
         def on_round(outcome: RoundOutcome) -> None:
@@ -139,8 +145,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
             "status": status,
         }
         export_adapter(model, arrays_to_state(final), run_dir / ADAPTER_DIR, labels, metadata)
-        write_status(run_dir, status, reason,
-                     rounds_completed=metadata["rounds_completed"])
+        write_status(run_dir, status, reason, rounds_completed=metadata["rounds_completed"])
         return status
     except Exception as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")

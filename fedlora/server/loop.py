@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -87,6 +87,10 @@ class _SampledGrid:
         return getattr(self._grid, name)
 
 
+def _view(grid: Grid, node_ids: Sequence[int]) -> Grid:
+    return cast(Grid, _SampledGrid(grid, node_ids))
+
+
 def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from parts (Python's hash() is salted per process)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -104,8 +108,9 @@ class SiteRegistry:
         if not unknown:
             return
         content = RecordDict({CONFIG_KEY: ConfigRecord({QUERY_SITE: 1})})
-        msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY)
-                for n in unknown]
+        msgs = [
+            Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown
+        ]
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error() or SITE_KEY not in reply.content.config_records:
@@ -119,8 +124,13 @@ class SiteRegistry:
 
 
 def sample_nodes(
-    node_ids: Iterable[int], sites: SiteRegistry, fraction: float, minimum: int,
-    seed: int, server_round: int, purpose: str,
+    node_ids: Iterable[int],
+    sites: SiteRegistry,
+    fraction: float,
+    minimum: int,
+    seed: int,
+    server_round: int,
+    purpose: str,
 ) -> list[int]:
     """Seeded sample of ``max(ceil(fraction*n), minimum)`` nodes, in site order."""
     ordered = sorted(node_ids, key=sites.key)
@@ -168,6 +178,14 @@ def split_replies(
     return ok, failures
 
 
+def _reply_metric(msg: Message, name: str) -> float:
+    """A scalar metric of a reply's (first) MetricRecord, 0 if absent."""
+    for record in msg.content.metric_records.values():
+        value = record.get(name, 0)
+        return float(value) if isinstance(value, (int, float)) else 0.0
+    return 0.0
+
+
 def _metric_dict(record: MetricRecord | None) -> dict[str, float]:
     if record is None:
         return {}
@@ -195,11 +213,17 @@ def run_rounds(
         start = time.perf_counter()
         wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout)
         sites.refresh(grid, timeout=min(cfg.round_timeout, 120.0))
-        nodes = sample_nodes(grid.get_node_ids(), sites, cfg.fraction_train,
-                             cfg.min_train_nodes, cfg.seed, rnd, "train")
+        nodes = sample_nodes(
+            grid.get_node_ids(),
+            sites,
+            cfg.fraction_train,
+            cfg.min_train_nodes,
+            cfg.seed,
+            rnd,
+            "train",
+        )
         config = ConfigRecord(dict(train_config or {}))
-        messages = list(strategy.configure_train(rnd, arrays, config,
-                                                  _SampledGrid(grid, nodes)))  # type: ignore[arg-type]
+        messages = list(strategy.configure_train(rnd, arrays, config, _view(grid, nodes)))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         ok, failures = split_replies(replies, nodes, sites)
         if reply_filter is not None:
@@ -223,19 +247,19 @@ def run_rounds(
             sampled=len(nodes),
             ok=len(ok),
             failures=failures,
-            bytes_uploaded=int(sum(
-                float(next(iter(m.content.metric_records.values())).get(METRIC_BYTES_SENT, 0))
-                for m in ok)),
+            bytes_uploaded=int(sum(_reply_metric(m, METRIC_BYTES_SENT) for m in ok)),
             replies=ok,
         )
         if cfg.fraction_evaluate > 0:
-            eval_nodes = sample_nodes(grid.get_node_ids(), sites, cfg.fraction_evaluate,
-                                      1, cfg.seed, rnd, "evaluate")
-            eval_msgs = strategy.configure_evaluate(rnd, arrays, ConfigRecord(),
-                                                    _SampledGrid(grid, eval_nodes))  # type: ignore[arg-type]
+            eval_nodes = sample_nodes(
+                grid.get_node_ids(), sites, cfg.fraction_evaluate, 1, cfg.seed, rnd, "evaluate"
+            )
+            eval_msgs = strategy.configure_evaluate(
+                rnd, arrays, ConfigRecord(), _view(grid, eval_nodes)
+            )
             eval_ok, eval_fail = split_replies(
-                grid.send_and_receive(list(eval_msgs), timeout=cfg.round_timeout),
-                eval_nodes, sites)
+                grid.send_and_receive(list(eval_msgs), timeout=cfg.round_timeout), eval_nodes, sites
+            )
             outcome.failures.extend(f"evaluate: {f}" for f in eval_fail)
             if eval_ok:
                 outcome.eval_metrics = _metric_dict(strategy.aggregate_evaluate(rnd, eval_ok))

@@ -139,6 +139,4 @@ def _convert(key: str, raw: str, default: Any) -> Any:
         return raw
     except ValueError:
         kind = type(default).__name__
-        raise ConfigError(
-            f"strategy-options {key}={raw!r} is not a valid {kind}"
-        ) from None
+        raise ConfigError(f"strategy-options {key}={raw!r} is not a valid {kind}") from None
