@@ -72,7 +72,7 @@ class TrainSettings:
     local_epochs: int = _field(1, "Passes over the local data per round.")
     learning_rate: float = _field(3e-3, "AdamW learning rate for the LoRA tensors.")
     batch_size: int = _field(16, "Examples per optimiser step.")
-    max_seq_length: int = _field(128, "Tokens kept per text (longer texts truncated).")
+    max_seq_length: int = _field(64, "Tokens kept per text (longer texts truncated).")
     max_train_examples: int = _field(
         0, "Cap on local examples used per round (0 = all); for quick experiments."
     )
@@ -129,6 +129,90 @@ class DataSettings:
             )
 
 
+DP_MODES = (
+    "none",
+    "local",
+    "central-server-fixed",
+    "central-client-fixed",
+    "central-server-adaptive",
+    "central-client-adaptive",
+)
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """The federation's DP recipe. Caps and δ of local DP are the *node's*.
+
+    A node's operator sets its own ε cap, δ and ledger folder in the node
+    config (``privacy-epsilon-cap``, ``privacy-delta``, ``privacy-ledger-dir``);
+    the server's run config cannot raise them. Virtual clients have no node
+    config of their own, so simulations take them from ``sim-epsilon-cap``
+    and ``sim-ledger-dir`` instead.
+    """
+
+    dp_mode: str = _field("none", "none, local (DP-SGD at each node) or a central-* mode.")
+    dp_noise_multiplier: float = _field(
+        0.0, "Noise std / clip norm; 0 = derive from dp-target-epsilon (local)."
+    )
+    dp_target_epsilon: float = _field(
+        0.0, "Local DP: each client's ε over all rounds; sets the noise multiplier."
+    )
+    dp_max_grad_norm: float = _field(
+        1.0, "Local: per-example gradient clip. Central: per-update clip norm."
+    )
+    dp_delta: float = _field(1e-5, "δ for central DP and for deriving noise from a target ε.")
+    dp_accountant: str = _field("rdp", "Local DP accountant: rdp or prv.")
+    dp_grad_sample_mode: str = _field(
+        "hooks", "Opacus per-sample gradients: hooks, functorch, ghost."
+    )
+    federation: str = _field(
+        "fedlora", "Federation name; keys each node's privacy ledger (never shared across)."
+    )
+    sim_epsilon_cap: float = _field(
+        0.0, "Simulation only: every virtual node's ε cap (0 = no cap)."
+    )
+    sim_ledger_dir: str = _field(
+        "", "Simulation only: virtual nodes' ledger folder (empty = <run-dir>/ledgers)."
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.dp_mode in DP_MODES, "dp-mode", self.dp_mode, ", ".join(DP_MODES))
+        _require(
+            self.dp_noise_multiplier >= 0, "dp-noise-multiplier", self.dp_noise_multiplier, ">= 0"
+        )
+        _require(self.dp_target_epsilon >= 0, "dp-target-epsilon", self.dp_target_epsilon, ">= 0")
+        _require(self.dp_max_grad_norm > 0, "dp-max-grad-norm", self.dp_max_grad_norm, "> 0")
+        _require(0 < self.dp_delta < 1, "dp-delta", self.dp_delta, "0 < x < 1")
+        _require(
+            self.dp_accountant in ("rdp", "prv"), "dp-accountant", self.dp_accountant, "rdp, prv"
+        )
+        _require(
+            self.dp_grad_sample_mode in ("hooks", "functorch", "ghost"),
+            "dp-grad-sample-mode",
+            self.dp_grad_sample_mode,
+            "hooks, functorch, ghost",
+        )
+        _require(bool(self.federation), "federation", self.federation, "a non-empty name")
+        _require(self.sim_epsilon_cap >= 0, "sim-epsilon-cap", self.sim_epsilon_cap, ">= 0")
+        if self.dp_mode == "local" and (self.dp_noise_multiplier > 0) == (
+            self.dp_target_epsilon > 0
+        ):
+            raise ConfigError(
+                "dp-mode=local needs exactly one of dp-noise-multiplier and dp-target-epsilon "
+                f"(got {self.dp_noise_multiplier} and {self.dp_target_epsilon})"
+            )
+        if self.dp_mode.startswith("central") and self.dp_noise_multiplier <= 0:
+            raise ConfigError(
+                f"dp-mode={self.dp_mode} needs dp-noise-multiplier > 0 "
+                f"(got {self.dp_noise_multiplier})"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any DP mechanism is on."""
+        return self.dp_mode != "none"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs, validated at construction."""
@@ -137,6 +221,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     num_server_rounds: int = _field(8, "Federated rounds.")
     fraction_train: float = _field(1.0, "Share of connected nodes sampled per round.")
     fraction_evaluate: float = _field(0.0, "Share of nodes asked for federated eval.")
@@ -182,7 +267,7 @@ class RunConfig:
                     f"{', '.join(sorted(_FLAT_FIELDS))}"
                 )
             values[key] = value
-        groups: dict[str, dict[str, Any]] = {"": {}, "lora": {}, "train": {}, "data": {}}
+        groups: dict[str, dict[str, Any]] = {g: {} for g in _GROUPS}
         for key, value in values.items():
             group, attr, typ = _FLAT_FIELDS[key]
             groups[group][attr] = _coerce(key, value, typ)
@@ -190,6 +275,7 @@ class RunConfig:
             lora=LoraSettings(**groups["lora"]),
             train=TrainSettings(**groups["train"]),
             data=DataSettings(**groups["data"]),
+            privacy=PrivacySettings(**groups["privacy"]),
             **groups[""],
         )
 
@@ -219,14 +305,16 @@ def _flat_name(attr: str) -> str:
 
 # flat key -> (group attribute on RunConfig or "", attribute name, type)
 _FLAT_FIELDS: dict[str, tuple[str, str, type]] = {}
-for _group, _cls in (
-    ("", RunConfig),
-    ("lora", LoraSettings),
-    ("train", TrainSettings),
-    ("data", DataSettings),
-):
+_GROUPS: dict[str, type] = {
+    "": RunConfig,
+    "lora": LoraSettings,
+    "train": TrainSettings,
+    "data": DataSettings,
+    "privacy": PrivacySettings,
+}
+for _group, _cls in _GROUPS.items():
     for _f in dataclasses.fields(_cls):
-        if _f.name in ("lora", "train", "data"):
+        if _f.name in _GROUPS:
             continue
         _prefix = "lora-" if _group == "lora" else ""
         _type = {"int": int, "float": float, "str": str, "tuple[str, ...]": tuple}[str(_f.type)]

@@ -308,7 +308,9 @@ def test_private_training_unpacks_like_opacus() -> None:
 def test_resolve_noise_multiplier() -> None:
     assert resolve_noise_multiplier(DPConfig(noise_multiplier=0.8), 0.1, 50) == 0.8
     sigma = resolve_noise_multiplier(DPConfig(target_epsilon=3.0), 0.1, 50)
-    assert epsilon([(sigma, 0.1, 50)], 1e-5) <= 3.0
+    assert 2.98 <= epsilon([(sigma, 0.1, 50)], 1e-5) <= 3.0
+    per_round = resolve_noise_multiplier(DPConfig(target_epsilon=3.0), 0.1, 50, rounds=4)
+    assert 2.98 <= epsilon([(per_round, 0.1, 50)] * 4, 1e-5) <= 3.0
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ class DPConfig:
         None, "privacy-noise-multiplier", "Noise std / max-grad-norm; > 0."
     )
     target_epsilon: float | None = _option(
-        None, "privacy-target-epsilon", "Epsilon of one round; sets the noise."
+        None, "privacy-target-epsilon", "Epsilon of the run; sets the noise."
     )
     max_grad_norm: float = _option(
         1.0, "privacy-max-grad-norm", "L2 bound each example's gradient is clipped to."
@@ -152,14 +152,20 @@ def _positive(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value) and value > 0
 
 
-def resolve_noise_multiplier(config: DPConfig, sample_rate: float, steps: int) -> float:
-    """Return the round's noise multiplier: the configured one, or the smallest
-    that keeps one round of ``steps`` steps within ``config.target_epsilon``."""
+def resolve_noise_multiplier(
+    config: DPConfig, sample_rate: float, steps: int, rounds: int = 1
+) -> float:
+    """Return the noise multiplier: the configured one, or the smallest that
+    keeps ``rounds`` rounds of ``steps`` steps within ``config.target_epsilon``.
+
+    Identical rounds compose exactly like one run of ``rounds * steps`` steps,
+    so calibrating for all rounds a node may join is exact, not a bound.
+    """
     if config.noise_multiplier is not None:
         return config.noise_multiplier
     assert config.target_epsilon is not None  # DPConfig guarantees one is set
     return noise_multiplier_for(
-        config.target_epsilon, config.delta, sample_rate, steps, config.accountant
+        config.target_epsilon, config.delta, sample_rate, steps * rounds, config.accountant
     )
 
 
