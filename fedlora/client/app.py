@@ -29,6 +29,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedlora.client.private import open_ledger, precheck, private_train
 from fedlora.client.train import EncodedDataset, encode, evaluate, local_train, round_generator
 from fedlora.config import (
     ARRAYS_KEY,
@@ -45,9 +46,10 @@ from fedlora.config import (
 from fedlora.data.labels import LabelSpace
 from fedlora.data.partition import client_partition, simulation_split
 from fedlora.data.sources import TextDataset, load_table
-from fedlora.errors import ConfigError, FedloraError
+from fedlora.errors import ConfigError, FedloraError, PrivacyBudgetExceeded, PrivacyError
 from fedlora.models import AdapterState, cached_model, load_adapter_state, load_tokenizer
 from fedlora.models import adapter_state as get_adapter_state
+from fedlora.privacy.central import client_clipping_mod
 
 log = logging.getLogger("fedlora.client")
 
@@ -59,10 +61,20 @@ NODE_TEXT_COLUMN = "text-column"
 NODE_LABEL_COLUMN = "label-column"
 # Error codes in error replies, so the server can tell kinds of failure apart.
 ERROR_CODE_USER = 4001  # fixable input problem at the node (data, config, model)
+ERROR_CODE_PRIVACY = 4002  # DP asked for but not applicable: the node refuses (fails closed)
+ERROR_CODE_BUDGET = 4003  # the node's own privacy budget would be exceeded
 
 
-def error_reply(msg: Message, exc: BaseException, code: int = ERROR_CODE_USER) -> Message:
+def error_reply(msg: Message, exc: BaseException, code: int | None = None) -> Message:
     """An error reply carrying the actionable message to the server."""
+    if code is None:
+        code = (
+            ERROR_CODE_BUDGET
+            if isinstance(exc, PrivacyBudgetExceeded)
+            else ERROR_CODE_PRIVACY
+            if isinstance(exc, PrivacyError)
+            else ERROR_CODE_USER
+        )
     return Message(error=Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
@@ -156,8 +168,11 @@ def build_client_app(
     ``fedlora simulate`` passes its overrides here; ``flwr run`` uses the
     module-level ``app`` with the run config Flower delivers.
     """
-    client_app = ClientApp(mods=mods or [])
     extra = dict(overrides or {})
+    # Client-side clipping for central DP is a mod on every node; it is a
+    # no-op unless the run's dp-mode asks for it.
+    dp_mod = client_clipping_mod(lambda ctx: run_config_of(ctx, extra).privacy.dp_mode)
+    client_app = ClientApp(mods=[*(mods or []), dp_mod])
 
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -192,12 +207,22 @@ def query_handler(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
     """Fine-tune the global adapter on local data; send back only the adapter."""
+    privacy: dict[str, float] = {}
     try:
-        cfg, model, encoded, site = prepare(msg, context, overrides)
+        cfg = run_config_of(context, overrides)
         server_round = int(msg.content.config_records[CONFIG_KEY].get(KEY_SERVER_ROUND, 0))  # type: ignore[arg-type]
-        result = local_train(
-            model, encoded, cfg.train, round_generator(cfg.seed, server_round, site)
-        )
+        if cfg.privacy.dp_mode == "local":
+            # The node's own budget is checked before its data is read.
+            ledger, limits = open_ledger(cfg, context)
+            precheck(ledger, limits)
+        cfg, model, encoded, site = prepare(msg, context, overrides)
+        generator = round_generator(cfg.seed, server_round, site)
+        if cfg.privacy.dp_mode == "local":
+            result, model, privacy = private_train(
+                model, encoded, cfg, ledger, limits, server_round, generator
+            )
+        else:
+            result = local_train(model, encoded, cfg.train, generator)
         record = state_to_arrays(get_adapter_state(model))
     except FedloraError as exc:
         log.error("train failed: %s", exc)
@@ -209,6 +234,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
             METRIC_ACCURACY: result.accuracy,
             METRIC_BYTES_SENT: payload_bytes(record),
             METRIC_TRAIN_TIME: result.seconds,
+            **privacy,
         }
     )
     return Message(content=RecordDict({ARRAYS_KEY: record, "metrics": metrics}), reply_to=msg)

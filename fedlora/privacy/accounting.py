@@ -43,8 +43,8 @@ __all__ = [
 ]
 
 #: Accountants a node may choose with ``privacy-accountant``. Opacus' "gdp"
-#: is left out on purpose: it is only accurate for many steps with a small
-#: sample rate, which a single federated round often is not.
+#: is left out on purpose: its central-limit approximation can underestimate
+#: epsilon (Opacus warns so), worst with few steps, as in short rounds.
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 #: ``(noise_multiplier, sample_rate, num_steps)``, as in Opacus' ``history``.

@@ -40,15 +40,15 @@ so the memory ghost clipping saves is not worth its second backward pass.
 loss. Opacus' "ew" mode cannot take Hugging Face models' keyword inputs.
 
 **Randomness.** Noise and Poisson sampling come from two ``torch.Generator``
-seeded, each round, with 64 bits from :mod:`secrets` (the OS CSPRNG); the
-seeds never leave the node or get logged. This covers a server or other
-nodes predicting or replaying the noise or the sampled batches, and the
-floating-point attack on Gaussian sampling (Jin et al. 2021,
-https://arxiv.org/abs/2112.05307: Opacus' ``secure_mode`` noise, which needs
-no ``torchcsprng``, is switched on). It does not give a CSPRNG stream: the
-generators are Mersenne Twister / Philox, so someone who learns a seed or
-generator state (a local attacker reading process memory, or a brute force of
-the 64-bit seed given the clean gradient) can recompute the noise. A seeded
+seeded, each round, with 64 bits each from :mod:`secrets` (the OS CSPRNG);
+the seeds never leave the node and are never logged. This covers the server
+or other nodes predicting, replaying or choosing the noise and the sampled
+batches, and the floating-point attack on Gaussian sampling (Jin et al. 2021,
+https://arxiv.org/abs/2112.05307; Opacus' ``secure_mode`` noise needs no
+``torchcsprng`` and is switched on). It is not a CSPRNG stream: the
+generators are Mersenne Twister (CPU) and Philox (CUDA), so whoever learns a
+seed or a generator state (a local attacker reading process memory, or a
+search of the 2**64 seeds) can recompute and subtract the noise. A seeded
 generator (``secure_rng=False``) is for tests and reproductions only and is
 announced with a :class:`ReproducibleNoiseWarning` and a log WARNING.
 """

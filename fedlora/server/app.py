@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.client.app import arrays_to_state, state_to_arrays
 from fedlora.client.train import encode, evaluate
-from fedlora.config import METRIC_ACCURACY, METRIC_LOSS, RunConfig
+from fedlora.config import METRIC_ACCURACY, METRIC_LOSS, METRIC_NUM_EXAMPLES, RunConfig
 from fedlora.data.partition import simulation_split
 from fedlora.io import atomic_write_bytes, atomic_write_json
 from fedlora.models import (
@@ -39,8 +40,16 @@ from fedlora.models import (
     load_adapter_state,
     load_tokenizer,
 )
+from fedlora.privacy.central import central_epsilon, wrap_central
 from fedlora.server.history import RoundRecord, RunHistory
-from fedlora.server.loop import RoundOutcome, RunStopped, progress_line, run_rounds
+from fedlora.server.loop import (
+    RoundOutcome,
+    RunStopped,
+    progress_line,
+    reply_metrics,
+    run_rounds,
+    wait_for_nodes,
+)
 from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")
@@ -108,6 +117,18 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
         model = build_model(cfg.model_path or None, len(labels), cfg.lora, cfg.seed)
         arrays = state_to_arrays(adapter_state(model))
         strategy = build_strategy(cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate)
+        if cfg.privacy.dp_mode.startswith("central"):
+            population = len(wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout))
+            per_round = max(math.ceil(cfg.fraction_train * population), cfg.min_train_nodes)
+            strategy = wrap_central(
+                strategy,
+                cfg.privacy.dp_mode,
+                cfg.privacy.dp_noise_multiplier,
+                cfg.privacy.dp_max_grad_norm,
+                per_round,
+                population,
+                cfg.privacy.dp_delta,
+            )
         evaluator = GlobalEvaluator(cfg, model)
         initial = evaluator(0, arrays)
         history.add(
@@ -123,9 +144,16 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
         )
         latest = {"arrays": arrays}
 
+        clients = ClientLog(run_dir)
+
         def on_round(outcome: RoundOutcome) -> None:
             latest["arrays"] = outcome.arrays
-            history.add(_record(outcome))
+            record = _record(outcome)
+            record.extra.update(clients.add(outcome))
+            central_eps = central_epsilon(strategy)
+            if central_eps is not None:
+                record.extra["epsilon-user-level"] = central_eps
+            history.add(record)
             save_checkpoint(run_dir, outcome.server_round, outcome.arrays)
             log.info("%s", progress_line(outcome, cfg.num_server_rounds))
 
@@ -141,7 +169,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
             "strategy": cfg.strategy,
             "seed": cfg.seed,
             "base_model": str(cfg.model_path or "all-MiniLM-L6-v2 (packaged)"),
-            "differential_privacy": {"mechanism": "none"},
+            "differential_privacy": _dp_metadata(cfg, history, strategy),
             "status": status,
         }
         export_adapter(model, arrays_to_state(final), run_dir / ADAPTER_DIR, labels, metadata)
@@ -150,6 +178,64 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
     except Exception as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise
+
+
+class ClientLog:
+    """Per-client metrics of every round in ``clients.json`` (for spread plots).
+
+    Format: a JSON list of ``{"round", "site", "accuracy", "loss",
+    "num_examples", ...}`` rows, one per client reply, including ``epsilon``
+    when local DP is on.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "clients.json"
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, outcome: RoundOutcome) -> dict[str, float]:
+        """Append this round's rows; returns summary metrics (ε max/mean)."""
+        epsilons = []
+        for site, msg in zip(outcome.reply_sites, outcome.replies, strict=True):
+            m = reply_metrics(msg)
+            row = {"round": outcome.server_round, "site": site, **m}
+            row["num_examples"] = row.pop(METRIC_NUM_EXAMPLES, 0)
+            self.rows.append(row)
+            if "epsilon" in m:
+                epsilons.append(m["epsilon"])
+        atomic_write_json(self.path, self.rows)
+        if not epsilons:
+            return {}
+        return {"epsilon-max": max(epsilons), "epsilon-mean": sum(epsilons) / len(epsilons)}
+
+
+def _dp_metadata(cfg: RunConfig, history: RunHistory, strategy: Any) -> dict[str, Any]:
+    """What an adapter's reader needs to know about its privacy."""
+    p = cfg.privacy
+    if p.dp_mode == "none":
+        return {"mechanism": "none"}
+    eps = [r.extra for r in history.records if r.extra]
+    if p.dp_mode == "local":
+        return {
+            "mechanism": "local DP-SGD (Opacus), per-example clipping at each node",
+            "max_grad_norm": p.dp_max_grad_norm,
+            "noise_multiplier": p.dp_noise_multiplier or "derived from target epsilon",
+            "target_epsilon_per_client": p.dp_target_epsilon or None,
+            "accountant": p.dp_accountant,
+            "delta": "set by each node (node config)",
+            "epsilon_spent_max_over_clients": max(
+                (e.get("epsilon-max", 0.0) for e in eps), default=None
+            ),
+        }
+    return {
+        "mechanism": f"central user-level DP ({p.dp_mode}, Flower DP wrapper)",
+        "clipping_norm": p.dp_max_grad_norm,
+        "noise_multiplier": p.dp_noise_multiplier,
+        "delta": p.dp_delta,
+        "epsilon_user_level": central_epsilon(strategy),
+        "accounting": "RDP, no sampling amplification"
+        if p.dp_mode.endswith("fixed")
+        else "not accounted (adaptive clipping)",
+    }
 
 
 def _record(outcome: RoundOutcome) -> RoundRecord:

@@ -41,6 +41,7 @@ from fedlora.config import (
 log = logging.getLogger("fedlora.server")
 
 SITE_KEY = "site-key"
+ERROR_CODE_BUDGET = 4003  # mirrors fedlora.client.app.ERROR_CODE_BUDGET
 QUERY_SITE = "fedlora-site"
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
@@ -67,6 +68,8 @@ class RoundOutcome:
     bytes_uploaded: int = 0
     seconds: float = 0.0
     replies: list[Message] = field(default_factory=list)
+    exhausted: list[str] = field(default_factory=list)
+    reply_sites: list[str] = field(default_factory=list)
 
 
 class _SampledGrid:
@@ -158,15 +161,24 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def split_replies(
-    replies: Iterable[Message], expected: Sequence[int], sites: SiteRegistry
+    replies: Iterable[Message],
+    expected: Sequence[int],
+    sites: SiteRegistry,
+    exhausted: set[str] | None = None,
 ) -> tuple[list[Message], list[str]]:
-    """Good replies in site order, and one human-readable line per failure."""
+    """Good replies in site order, and one human-readable line per failure.
+
+    Sites that refused because their own privacy budget is spent are added
+    to ``exhausted`` so they are not sampled again.
+    """
     ok: list[Message] = []
     failures: list[str] = []
     seen: set[int] = set()
     for msg in replies:
         node = msg.metadata.src_node_id
         seen.add(node)
+        if msg.has_error() and msg.error.code == ERROR_CODE_BUDGET and exhausted is not None:
+            exhausted.add(sites.key(node))
         if msg.has_error():
             failures.append(f"{sites.key(node)} (node {node}): {msg.error.reason}")
         else:
@@ -176,6 +188,13 @@ def split_replies(
             failures.append(f"{sites.key(node)} (node {node}): no reply before timeout")
     ok.sort(key=lambda m: sites.key(m.metadata.src_node_id))
     return ok, failures
+
+
+def reply_metrics(msg: Message) -> dict[str, float]:
+    """All scalar metrics of a reply."""
+    for record in msg.content.metric_records.values():
+        return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+    return {}
 
 
 def _reply_metric(msg: Message, name: str) -> float:
@@ -209,12 +228,20 @@ def run_rounds(
     a round cannot go on: too few nodes connected or replying.
     """
     sites = SiteRegistry()
+    exhausted: set[str] = set()
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         start = time.perf_counter()
         wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout)
         sites.refresh(grid, timeout=min(cfg.round_timeout, 120.0))
+        eligible = [n for n in grid.get_node_ids() if sites.key(n) not in exhausted]
+        if len(eligible) < cfg.min_train_nodes:
+            raise RunStopped(
+                f"privacy budgets exhausted at {len(exhausted)} site(s) "
+                f"({', '.join(sorted(exhausted))}); {len(eligible)} node(s) remain, "
+                f"min-train-nodes={cfg.min_train_nodes}"
+            )
         nodes = sample_nodes(
-            grid.get_node_ids(),
+            eligible,
             sites,
             cfg.fraction_train,
             cfg.min_train_nodes,
@@ -225,7 +252,7 @@ def run_rounds(
         config = ConfigRecord(dict(train_config or {}))
         messages = list(strategy.configure_train(rnd, arrays, config, _view(grid, nodes)))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        ok, failures = split_replies(replies, nodes, sites)
+        ok, failures = split_replies(replies, nodes, sites, exhausted)
         if reply_filter is not None:
             ok, rejected = reply_filter(rnd, ok)
             failures.extend(rejected)
@@ -249,6 +276,8 @@ def run_rounds(
             failures=failures,
             bytes_uploaded=int(sum(_reply_metric(m, METRIC_BYTES_SENT) for m in ok)),
             replies=ok,
+            exhausted=sorted(exhausted),
+            reply_sites=[sites.key(m.metadata.src_node_id) for m in ok],
         )
         if cfg.fraction_evaluate > 0:
             eval_nodes = sample_nodes(

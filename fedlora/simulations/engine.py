@@ -109,4 +109,9 @@ def simulate(
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(run_dir / "status.json", status)
             return {**status, "run_dir": str(run_dir)}
-    return {**status_of(run_dir), "run_dir": str(run_dir)}
+    status = status_of(run_dir)
+    if status.get("status") in ("completed", "stopped"):
+        from fedlora.simulations.report import write_reports
+
+        write_reports(run_dir)
+    return {**status, "run_dir": str(run_dir)}

@@ -1,8 +1,16 @@
-"""Terminal summaries of a run directory."""
+"""Terminal summaries of a run directory, and the files people look at.
+
+:func:`write_reports` turns a run's ``metrics.json`` into PNG plots
+(:mod:`fedlora.simulations.plots`) and TensorBoard events
+(:mod:`fedlora.simulations.tensorboard`). ``fedlora simulate`` calls it when a
+run ends; ``fedlora report RUN_DIR`` calls it again on demand (e.g. after
+the server has written ``clients.json``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fedlora.server.history import RunHistory
 
@@ -23,3 +31,14 @@ def summary_table(run_dir: str | Path) -> str:
             f"{r.bytes_uploaded / 1e6:>8.3f} {r.seconds:>7.1f}"
         )
     return "\n".join(lines)
+
+
+def write_reports(run_dir: str | Path) -> dict[str, Any]:
+    """Write the run's plots and TensorBoard events; returns what was written.
+
+    Returns ``{"plots": [png paths], "tensorboard": events folder}``.
+    """
+    from fedlora.simulations.plots import write_plots
+    from fedlora.simulations.tensorboard import write_tensorboard
+
+    return {"plots": write_plots(run_dir), "tensorboard": write_tensorboard(run_dir)}

@@ -1,0 +1,195 @@
+"""A node's local DP round: its own budget, its own ledger, DP-SGD or nothing.
+
+The order of a private round is the point of this module:
+
+1. Read the node's *own* privacy settings (ε cap, δ, ledger folder) from its
+   node config — the server's run config cannot set or raise them.
+2. Open the node's ledger (keyed by federation and dataset) and, if an
+   earlier round shows that another one would pass the cap, refuse **before
+   the data is read**.
+3. Read the data, work out this round's exact cost (sample rate, steps,
+   noise multiplier), refuse if spent + cost > cap.
+4. Train with Opacus DP-SGD on a copy of the model (Opacus' hooks never stay
+   on the cached model) — any failure to apply DP is an error, never a
+   fallback to non-private training.
+5. Record the round in the ledger (atomically) *before* the update leaves.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context
+
+from fedlora.client.train import (
+    EncodedDataset,
+    TrainResult,
+    make_loader,
+    train_epochs,
+    trainable_parameters,
+)
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError, PrivacyError
+from fedlora.privacy.accounting import noise_multiplier_for, steps_per_round
+from fedlora.privacy.dpsgd import DPConfig, make_private
+from fedlora.privacy.ledger import PrivacyLedger
+
+# Node-config keys a site's operator sets (never the server).
+NODE_EPSILON_CAP = "privacy-epsilon-cap"
+NODE_DELTA = "privacy-delta"
+NODE_LEDGER_DIR = "privacy-ledger-dir"
+NODE_ACCOUNTANT = "privacy-accountant"
+NODE_DATA_PATH = "data-path"
+
+
+@dataclass(frozen=True)
+class NodePrivacy:
+    """The privacy limits a node's operator set for this node."""
+
+    epsilon_cap: float  # math.inf = no cap (simulations only)
+    delta: float
+    ledger_dir: Path
+    accountant: str
+
+
+def node_privacy(cfg: RunConfig, context: Context) -> NodePrivacy:
+    """The node's own limits; a real site must set them in its node config."""
+    node = context.node_config
+    if NODE_DATA_PATH in node:
+        missing = [k for k in (NODE_EPSILON_CAP, NODE_DELTA, NODE_LEDGER_DIR) if k not in node]
+        if missing:
+            raise PrivacyError(
+                f"the federation runs local DP but this node's config lacks "
+                f"{', '.join(missing)}; the node operator sets them, e.g. --node-config "
+                '"privacy-epsilon-cap=8.0 privacy-delta=1e-5 '
+                "privacy-ledger-dir='/var/lib/fedlora/ledger'\""
+            )
+        try:
+            cap, delta = float(node[NODE_EPSILON_CAP]), float(node[NODE_DELTA])  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"node privacy settings must be numbers: {exc}") from None
+        if not cap > 0 or not 0 < delta < 1:
+            raise ConfigError(
+                f"node config has privacy-epsilon-cap={cap}, privacy-delta={delta}; "
+                "need cap > 0 and 0 < delta < 1"
+            )
+        return NodePrivacy(
+            epsilon_cap=cap,
+            delta=delta,
+            ledger_dir=Path(str(node[NODE_LEDGER_DIR])),
+            accountant=str(node.get(NODE_ACCOUNTANT, cfg.privacy.dp_accountant)),
+        )
+    # A virtual node has no config of its own: the simulation stands in for it.
+    p = cfg.privacy
+    return NodePrivacy(
+        epsilon_cap=p.sim_epsilon_cap if p.sim_epsilon_cap > 0 else math.inf,
+        delta=p.dp_delta,
+        ledger_dir=Path(p.sim_ledger_dir) if p.sim_ledger_dir else cfg.run_path / "ledgers",
+        accountant=p.dp_accountant,
+    )
+
+
+def dataset_identity(cfg: RunConfig, context: Context) -> str:
+    """What a ledger is keyed by besides the federation.
+
+    A real site keys by the resolved data path: a file edited in place keeps
+    its spend (conservative), a different file gets its own ledger. A virtual
+    node keys by everything that decides its partition.
+    """
+    node = context.node_config
+    if NODE_DATA_PATH in node:
+        return "path:" + str(Path(str(node[NODE_DATA_PATH])).resolve())
+    d = cfg.data
+    return (
+        f"sim:{d.dataset}:{d.data_file}:{d.partitioner}:{d.dirichlet_alpha}:"
+        f"{d.partition_column}:{d.test_fraction}:seed={cfg.seed}:"
+        f"{node.get('partition-id')}/{node.get('num-partitions')}"
+    )
+
+
+def open_ledger(cfg: RunConfig, context: Context) -> tuple[PrivacyLedger, NodePrivacy]:
+    """The node's ledger for this federation and dataset (created if new)."""
+    limits = node_privacy(cfg, context)
+    ledger = PrivacyLedger.open(
+        limits.ledger_dir,
+        cfg.privacy.federation,
+        dataset_identity(cfg, context),
+        limits.delta,
+        limits.accountant,
+    )
+    return ledger, limits
+
+
+def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
+    """Refuse before reading data when the last round's cost no longer fits.
+
+    Uses the most recent round's (noise, sample rate, steps) as the estimate
+    of the next one; the exact check follows once the data size is known.
+    """
+    if not ledger.history or math.isinf(limits.epsilon_cap):
+        return
+    sigma, rate, steps = ledger.history[-1]
+    ledger.check_budget(limits.epsilon_cap, sigma, rate, steps)
+
+
+def round_noise(cfg: RunConfig, limits: NodePrivacy, sample_rate: float, steps: int) -> float:
+    """This round's noise multiplier: fixed, or derived so that *all* rounds
+    together reach ``dp-target-epsilon`` (each client's ε over the run)."""
+    p = cfg.privacy
+    if p.dp_noise_multiplier > 0:
+        return p.dp_noise_multiplier
+    total_steps = steps * cfg.num_server_rounds
+    # Calibrate with the node's own accountant and δ: the ledger judges with them.
+    return noise_multiplier_for(
+        p.dp_target_epsilon, limits.delta, sample_rate, total_steps, limits.accountant
+    )
+
+
+def private_train(
+    model: Any,
+    dataset: EncodedDataset,
+    cfg: RunConfig,
+    ledger: PrivacyLedger,
+    limits: NodePrivacy,
+    server_round: int,
+    generator: torch.Generator,
+    secure_rng: bool = True,
+) -> tuple[TrainResult, Any, dict[str, float]]:
+    """One DP-SGD round; returns (result, trained model copy, privacy metrics)."""
+    settings = cfg.train
+    sample_rate, steps = steps_per_round(len(dataset), settings.batch_size, settings.local_epochs)
+    sigma = round_noise(cfg, limits, sample_rate, steps)
+    if not math.isinf(limits.epsilon_cap):
+        ledger.check_budget(limits.epsilon_cap, sigma, sample_rate, steps)
+    dp = DPConfig(
+        noise_multiplier=sigma,
+        max_grad_norm=cfg.privacy.dp_max_grad_norm,
+        delta=limits.delta,
+        accountant=limits.accountant,
+        grad_sample_mode=cfg.privacy.dp_grad_sample_mode,
+        secure_rng=secure_rng,
+    )
+    # Opacus attaches hooks and grad_sample buffers: train a copy, so the
+    # per-process cached model never carries them into another client's round.
+    work = copy.deepcopy(model)
+    work.train()
+    loader = make_loader(dataset, settings.batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.AdamW(trainable_parameters(work), lr=settings.learning_rate)
+    wrapped = make_private(work, optimizer, loader, dp, sigma, None if secure_rng else generator)
+    result = train_epochs(
+        wrapped.model, wrapped.data_loader, wrapped.optimizer, settings.local_epochs, generator
+    )
+    spent = ledger.record_round(server_round, sigma, sample_rate, steps)
+    metrics = {
+        "epsilon": float(spent),
+        "delta": float(limits.delta),
+        "noise-multiplier": float(sigma),
+        "dp-steps": float(steps),
+    }
+    result = TrainResult(result.loss, result.accuracy, len(dataset), result.steps, result.seconds)
+    return result, work, metrics

@@ -1,0 +1,269 @@
+"""PNG plots of a run directory, so a researcher can look at a run, not parse it.
+
+Reads ``metrics.json`` (written every round by :mod:`fedlora.server.history`)
+and, when present, ``clients.json``; writes PNGs next to them:
+
+* ``accuracy.png`` — global accuracy per round (plus the clients' train and
+  federated-evaluation accuracy where recorded);
+* ``loss.png`` — the same for loss;
+* ``epsilon.png`` — every ``epsilon*`` key found in a round's ``extra``
+  (differential privacy spend); skipped when the run has none;
+* ``clients.png`` — per-client accuracy spread per round (each client a dot,
+  min–max band, median line); skipped without ``clients.json``;
+* ``bytes.png`` — bytes uploaded per round (MB).
+
+``clients.json`` format (written by the server; optional)::
+
+    [
+      {"round": 1, "site": "partition-000003", "accuracy": 0.71,
+       "loss": 0.83, "num_examples": 120},
+      ...
+    ]
+
+one object per client reply per round. ``round``, ``site`` and ``accuracy``
+are required for the spread plot; ``loss`` and ``num_examples`` may be null.
+Optional keys: ``train_time_s`` (seconds of local training, used by
+``bench/sim_scale.py`` to sum client compute) and ``bytes_sent``. A top-level
+``{"clients": [...]}`` object is accepted too.
+
+What this adds to matplotlib: the plot *data* is computed by pure functions
+(:func:`plot_specs`, :func:`comparison_spec`) apart from the drawing
+(:func:`render`), so tests check the exact points drawn and the PNGs
+separately. Drawing uses the object-oriented API on an Agg canvas, never
+``pyplot``, so no global figure state or GUI backend is touched (this runs in
+the same process as a Ray driver and in headless CI).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedlora.errors import DataError
+from fedlora.io import atomic_write_bytes
+from fedlora.server.history import METRICS_JSON
+
+CLIENTS_JSON = "clients.json"
+PLOT_FILES = ("accuracy.png", "loss.png", "epsilon.png", "clients.png", "bytes.png")
+COMPARISON_PNG = "comparison.png"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One drawn series: a line, scatter or bar set, with its points."""
+
+    label: str
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    kind: Literal["line", "scatter", "bar", "band"] = "line"
+    y2: tuple[float, ...] = ()  # upper edge of a band (``y`` is the lower edge)
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """Everything needed to draw one PNG; pure data, comparable in tests."""
+
+    filename: str
+    title: str
+    ylabel: str
+    series: tuple[Series, ...] = field(default_factory=tuple)
+    xlabel: str = "round"
+
+
+# ---------------------------------------------------------------- reading
+def load_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The ``rounds`` list of ``metrics.json``, ordered by round."""
+    path = Path(run_dir) / METRICS_JSON
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist; is {run_dir} a run directory (e.g. runs/latest)? "
+            "A run writes metrics.json after its first round"
+        )
+    try:
+        rounds = json.loads(path.read_text())["rounds"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not a fedlora metrics file ({exc})") from None
+    return sorted(rounds, key=lambda r: int(r["round"]))
+
+
+def load_clients(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """Per-client rows of ``clients.json`` (format in the module docstring), or None."""
+    path = Path(run_dir) / CLIENTS_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc})") from None
+    rows = data.get("clients") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path} must be a JSON list of objects with round, site, accuracy")
+    return rows
+
+
+# ---------------------------------------------------------------- plot data
+def _series(rounds: Sequence[dict[str, Any]], key: str, label: str) -> Series | None:
+    points = [(r["round"], r.get(key)) for r in rounds if r.get(key) is not None]
+    if not points:
+        return None
+    return Series(label, tuple(float(x) for x, _ in points), tuple(float(y) for _, y in points))
+
+
+def _metric_spec(rounds: Sequence[dict[str, Any]], metric: str) -> PlotSpec:
+    candidates = (
+        _series(rounds, f"global_{metric}", f"global (server test split) {metric}"),
+        _series(rounds, f"train_{metric}", f"clients' train {metric} (weighted mean)"),
+        _series(rounds, f"federated_{metric}", f"federated evaluation {metric}"),
+    )
+    return PlotSpec(
+        filename=f"{metric}.png",
+        title=f"{metric.capitalize()} per round",
+        ylabel=metric,
+        series=tuple(s for s in candidates if s is not None),
+    )
+
+
+def _epsilon_spec(rounds: Sequence[dict[str, Any]]) -> PlotSpec | None:
+    keys = sorted({k for r in rounds for k in (r.get("extra") or {}) if k.startswith("epsilon")})
+    series = []
+    for key in keys:
+        points = [
+            (r["round"], r["extra"][key])
+            for r in rounds
+            if isinstance(r.get("extra"), dict) and r["extra"].get(key) is not None
+        ]
+        series.append(
+            Series(key, tuple(float(x) for x, _ in points), tuple(float(y) for _, y in points))
+        )
+    if not series:
+        return None
+    return PlotSpec("epsilon.png", "Privacy spent (ε) per round", "ε", tuple(series))
+
+
+def _clients_spec(clients: Sequence[dict[str, Any]]) -> PlotSpec | None:
+    by_round: dict[int, list[float]] = {}
+    for row in clients:
+        if row.get("accuracy") is not None and row.get("round") is not None:
+            by_round.setdefault(int(row["round"]), []).append(float(row["accuracy"]))
+    if not by_round:
+        return None
+    order = sorted(by_round)
+    dots_x = tuple(float(r) for r in order for _ in by_round[r])
+    dots_y = tuple(a for r in order for a in by_round[r])
+    xs = tuple(float(r) for r in order)
+    return PlotSpec(
+        filename="clients.png",
+        title="Per-client accuracy spread per round",
+        ylabel="client accuracy",
+        series=(
+            Series(
+                "min–max",
+                xs,
+                tuple(min(by_round[r]) for r in order),
+                "band",
+                tuple(max(by_round[r]) for r in order),
+            ),
+            Series("one client", dots_x, dots_y, "scatter"),
+            Series("median", xs, tuple(statistics.median(by_round[r]) for r in order)),
+        ),
+    )
+
+
+def _bytes_spec(rounds: Sequence[dict[str, Any]]) -> PlotSpec:
+    trained = [r for r in rounds if int(r["round"]) > 0]
+    return PlotSpec(
+        filename="bytes.png",
+        title="Bytes uploaded per round (all clients)",
+        ylabel="MB uploaded",
+        series=(
+            Series(
+                "uploaded",
+                tuple(float(r["round"]) for r in trained),
+                tuple(float(r.get("bytes_uploaded") or 0) / 1e6 for r in trained),
+                "bar",
+            ),
+        ),
+    )
+
+
+def plot_specs(
+    rounds: Sequence[dict[str, Any]], clients: Sequence[dict[str, Any]] | None = None
+) -> list[PlotSpec]:
+    """The plots a run supports, as data (no drawing); plots without data are left out."""
+    specs = [_metric_spec(rounds, "accuracy"), _metric_spec(rounds, "loss")]
+    optional = (_epsilon_spec(rounds), _clients_spec(clients) if clients else None)
+    specs.extend(s for s in optional if s is not None)
+    specs.append(_bytes_spec(rounds))
+    return [s for s in specs if s.series]
+
+
+def comparison_spec(cells: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> PlotSpec:
+    """Global accuracy per round, one line per sweep cell (``(name, rounds)`` pairs)."""
+    lines = []
+    for name, rounds in cells:
+        series = _series(rounds, "global_accuracy", name)
+        if series is not None:
+            lines.append(series)
+    return PlotSpec(COMPARISON_PNG, "Global accuracy per round, by sweep cell", "accuracy", tuple(lines))
+
+
+# ---------------------------------------------------------------- drawing
+def render(spec: PlotSpec) -> Any:
+    """A matplotlib ``Figure`` drawing ``spec`` on an Agg canvas (not yet saved)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7.0, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for s in spec.series:
+        if s.kind == "bar":
+            ax.bar(s.x, s.y, width=0.6, label=s.label, color="tab:blue")
+        elif s.kind == "scatter":
+            ax.scatter(s.x, s.y, s=12, alpha=0.5, color="tab:gray", label=s.label)
+        elif s.kind == "band":
+            ax.fill_between(s.x, s.y, s.y2, alpha=0.2, color="tab:orange", label=s.label)
+        else:
+            ax.plot(s.x, s.y, marker="o", markersize=3, label=s.label)
+    ax.set_title(spec.title)
+    ax.set_xlabel(spec.xlabel)
+    ax.set_ylabel(spec.ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+    ax.grid(True, alpha=0.3)
+    if len(spec.series) > 1:
+        # Many sweep cells would cover the plot; put their legend underneath.
+        many = len(spec.series) > 6
+        ax.legend(
+            fontsize="small",
+            loc="upper center" if many else "best",
+            bbox_to_anchor=(0.5, -0.18) if many else None,
+            ncol=2 if many else 1,
+        )
+    return fig
+
+
+def save_png(spec: PlotSpec, folder: str | Path) -> Path:
+    """Draw ``spec`` and write it to ``folder/spec.filename`` atomically."""
+    buffer = io.BytesIO()
+    render(spec).savefig(buffer, format="png")
+    return atomic_write_bytes(Path(folder) / spec.filename, buffer.getvalue())
+
+
+def write_plots(run_dir: str | Path) -> list[Path]:
+    """Write the run's PNGs (see module docstring); returns the paths written.
+
+    A plot this run has no data for is removed if an earlier report left one,
+    so the folder never shows a stale picture next to fresh metrics.
+    """
+    run_dir = Path(run_dir)
+    specs = plot_specs(load_rounds(run_dir), load_clients(run_dir))
+    written = [save_png(spec, run_dir) for spec in specs]
+    for name in set(PLOT_FILES) - {spec.filename for spec in specs}:
+        (run_dir / name).unlink(missing_ok=True)
+    return written
