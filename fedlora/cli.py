@@ -92,6 +92,64 @@ def simulate(
     raise typer.Exit(EXIT_STOPPED if state == "stopped" else EXIT_FAILED)
 
 
+@app.command()
+def sweep(
+    sweep_file: Annotated[
+        Path, typer.Argument(help="Experiment/sweep TOML ([experiment], [config], [grid]).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Sweep folder (default runs/<name>).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Run every cell of a sweep's grid one after another, then compare them."""
+    from fedlora.simulations.sweep import comparison_table, load_sweep, run_sweep
+
+    try:
+        spec = load_sweep(sweep_file)
+        folder = out or Path("runs") / spec.name
+        n = len(spec.cells())
+        typer.echo(f"sweep {spec.name}: {n} cell(s) x {spec.num_clients} clients -> {folder}")
+        rows = run_sweep(
+            spec,
+            folder,
+            verbose,
+            on_cell=lambda row: typer.echo(
+                f"  {row['cell']}: {row['status']} · final acc {row['final_accuracy']} "
+                f"· {row['wall_seconds']:.0f} s"
+            ),
+        )
+    except FedloraError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    typer.echo(comparison_table(rows))
+    typer.echo(f"comparison.csv, comparison.png and one folder per cell in {folder}")
+    states = {row["status"] for row in rows}
+    if states <= {"completed"}:
+        raise typer.Exit(EXIT_OK)
+    raise typer.Exit(EXIT_FAILED if states - {"completed", "stopped"} else EXIT_STOPPED)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (e.g. runs/latest).")],
+) -> None:
+    """(Re)write a run's plots and TensorBoard events and print its summary."""
+    from fedlora.simulations.report import summary_table, write_reports
+
+    try:
+        written = write_reports(run_dir)
+    except FedloraError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    table = summary_table(run_dir)
+    if table:
+        typer.echo(table)
+    for path in written["plots"]:
+        typer.echo(f"plot: {path}")
+    typer.echo(f"tensorboard: tensorboard --logdir {written['tensorboard']}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     """Entry point that never shows a traceback for a user error."""
     try:

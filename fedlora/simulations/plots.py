@@ -20,11 +20,12 @@ and, when present, ``clients.json``; writes PNGs next to them:
       ...
     ]
 
-one object per client reply per round. ``round``, ``site`` and ``accuracy``
-are required for the spread plot; ``loss`` and ``num_examples`` may be null.
-Optional keys: ``train_time_s`` (seconds of local training, used by
-``bench/sim_scale.py`` to sum client compute) and ``bytes_sent``. A top-level
-``{"clients": [...]}`` object is accepted too.
+one object per client reply per round (the server's ``ClientLog`` writes it).
+``round``, ``site`` and ``accuracy`` are required for the spread plot; ``loss``
+and ``num_examples`` may be null. Any other reply metric rides along under its
+wire name: ``train-time-s`` (seconds of local training, which
+``bench/sim_scale.py`` sums into client compute), ``bytes-sent``, ``epsilon``
+(local DP). A top-level ``{"clients": [...]}`` object is accepted too.
 
 What this adds to matplotlib: the plot *data* is computed by pure functions
 (:func:`plot_specs`, :func:`comparison_spec`) apart from the drawing
@@ -176,15 +177,21 @@ def _clients_spec(clients: Sequence[dict[str, Any]]) -> PlotSpec | None:
 
 def _bytes_spec(rounds: Sequence[dict[str, Any]]) -> PlotSpec:
     trained = [r for r in rounds if int(r["round"]) > 0]
+    sizes = [float(r.get("bytes_uploaded") or 0) for r in trained]
+    # A tiny test model uploads kilobytes, MiniLM megabytes: pick a unit that reads well.
+    unit, scale = next(
+        ((u, f) for u, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if max(sizes, default=0) >= f),
+        ("bytes", 1.0),
+    )
     return PlotSpec(
         filename="bytes.png",
         title="Bytes uploaded per round (all clients)",
-        ylabel="MB uploaded",
+        ylabel=f"{unit} uploaded",
         series=(
             Series(
                 "uploaded",
                 tuple(float(r["round"]) for r in trained),
-                tuple(float(r.get("bytes_uploaded") or 0) / 1e6 for r in trained),
+                tuple(b / scale for b in sizes),
                 "bar",
             ),
         ),
@@ -209,7 +216,8 @@ def comparison_spec(cells: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> Pl
         series = _series(rounds, "global_accuracy", name)
         if series is not None:
             lines.append(series)
-    return PlotSpec(COMPARISON_PNG, "Global accuracy per round, by sweep cell", "accuracy", tuple(lines))
+    title = "Global accuracy per round, by sweep cell"
+    return PlotSpec(COMPARISON_PNG, title, "accuracy", tuple(lines))
 
 
 # ---------------------------------------------------------------- drawing
