@@ -13,9 +13,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = {
-    "sport": ["match", "goal", "team", "player", "coach", "league", "score", "win", "season", "club"],
-    "money": ["bank", "market", "shares", "profit", "price", "trade", "growth", "economy", "loan", "fund"],
-    "tech": ["software", "phone", "internet", "chip", "computer", "data", "network", "app", "code", "robot"],
+    "sport": [
+        "match",
+        "goal",
+        "team",
+        "player",
+        "coach",
+        "league",
+        "score",
+        "win",
+        "season",
+        "club",
+    ],
+    "money": [
+        "bank",
+        "market",
+        "shares",
+        "profit",
+        "price",
+        "trade",
+        "growth",
+        "economy",
+        "loan",
+        "fund",
+    ],
+    "tech": [
+        "software",
+        "phone",
+        "internet",
+        "chip",
+        "computer",
+        "data",
+        "network",
+        "app",
+        "code",
+        "robot",
+    ],
 }
 LABELS = ("money", "sport", "tech")
 
