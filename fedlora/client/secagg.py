@@ -1,0 +1,271 @@
+"""The node's half of SecAgg+: train, send a masked update, never the update itself.
+
+Flower 1.41 ships SecAgg+ only on its legacy path: the server's
+``SecAggPlusWorkflow`` sends ``FitIns`` records (``fitins.parameters`` and
+``fitins.config``) in ``train`` messages and Flower's client mod
+``secaggplus_mod`` expects a ``FitRes`` record back (``fitres.parameters``,
+``fitres.num_examples``, ``fitres.metrics``), which it quantizes and masks
+before anything leaves the node (:mod:`fedlora.server.secagg` has the maths).
+This module adds what a fedlora node needs around that mod:
+
+* :func:`secagg_mod` runs ``secaggplus_mod`` for the protocol's ``train``
+  messages only, so the same ClientApp still answers fedlora's plain
+  messages (site query, evaluate) — and, with ``required=True`` (the
+  default), refuses a plain ``train`` message with an error reply: a node
+  whose operator asked for secure aggregation never sends a readable update
+  because the server chose not to run the protocol (fail closed).
+* :func:`secagg_fit_handler` turns a training function
+  ``train_fn(state, config, context) -> (state, num_examples, metrics)`` over
+  named tensors into the legacy fit handler. Legacy parameters are an
+  ordered list, so the server sends the tensor names in the fit config
+  (:data:`NAMES_KEY`) and the handler checks that what training returns has
+  exactly those names and shapes.
+* What is masked is the **update** ``trained - global`` (float32), not the
+  adapter: its scale is set by the optimiser, not by LoRA's initialisation,
+  so one clipping range fits every tensor (see the server module).
+* The node reports, in clear, the share of update entries that SecAgg+'s
+  clipping will cut (:data:`METRIC_CLIPPED`) and refuses to take part when
+  its example count exceeds the protocol's ``max_weight`` (the masked sum
+  would overflow and the round's aggregate would be garbage).
+* :func:`fedlora_secagg_train` runs fedlora's own ``train`` handler (data,
+  local DP, privacy ledger, error replies: all unchanged) inside the protocol.
+
+Everything in ``fitres.metrics`` and ``fitres.num_examples`` reaches the
+server in clear, beside the masked vector; only the tensors are hidden.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from fedlora.errors import ConfigError, FedloraError
+
+State = dict[str, np.ndarray]
+Scalar = bool | int | float | str | bytes
+TrainFn = Callable[[State, dict[str, Scalar], Context], tuple[State, int, dict[str, Scalar]]]
+
+# Fit-config keys the server (fedlora.server.secagg) sets for every round.
+NAMES_KEY = "fedlora-secagg-names"  # JSON list: tensor names in wire order
+CLIPPING_KEY = "fedlora-secagg-clipping-range"
+MAX_WEIGHT_KEY = "fedlora-secagg-max-weight"
+ROUND_KEY = "server-round"  # equals fedlora.config.KEY_SERVER_ROUND
+METRIC_CLIPPED = "secagg-clipped-fraction"
+# Error codes, mirroring fedlora.client.app (importing it would pull in torch).
+ERROR_CODE_USER = 4001
+ERROR_CODE_SECAGG_REQUIRED = 4002  # = ERROR_CODE_PRIVACY: the node refuses (fails closed)
+
+_FITINS_PARAMETERS = "fitins.parameters"
+
+
+class SecAggRequired(FedloraError, RuntimeError):
+    """A node that requires secure aggregation got a plain training request."""
+
+
+def is_secagg_fit(msg: Message) -> bool:
+    """Whether ``msg`` is the protocol's training step (legacy ``FitIns`` inside)."""
+    return (
+        msg.metadata.message_type == MessageType.TRAIN
+        and msg.has_content()
+        and _FITINS_PARAMETERS in msg.content.array_records
+    )
+
+
+def secagg_mod(required: bool = True) -> Mod:
+    """Flower's ``secaggplus_mod`` for SecAgg+ messages; plain messages pass by.
+
+    Parameters
+    ----------
+    required : bool
+        Refuse plain ``train`` messages with an error reply (code
+        :data:`ERROR_CODE_SECAGG_REQUIRED`) instead of training and sending a
+        readable update. ``query`` and ``evaluate`` messages always pass.
+    """
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        if RECORD_KEY_CONFIGS in msg.content.config_records:
+            return _run_protocol_step(msg, context, call_next)
+        if required:
+            exc = SecAggRequired(
+                "this node only sends masked updates (secure aggregation is required by "
+                "its operator) but the server asked for a plain one; run the federation "
+                "with secure aggregation, or restart the node without --require-secagg"
+            )
+            return _error(msg, exc, ERROR_CODE_SECAGG_REQUIRED)
+        return call_next(msg, context)
+
+    return mod
+
+
+class _TrainingFailed(Exception):
+    """Carries a training error reply out through ``secaggplus_mod``."""
+
+    def __init__(self, reply: Message):
+        super().__init__(reply.error.reason)
+        self.reply = reply
+
+
+def _run_protocol_step(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    # secaggplus_mod reads the content of whatever training returns; an error
+    # reply has none, and the mod would fail with "Message content is None".
+    # Raise past it instead and send the training error itself, so the server
+    # logs why this node dropped out of the round.
+    def guarded(inner: Message, ctx: Context) -> Message:
+        reply = call_next(inner, ctx)
+        if reply.has_error():
+            raise _TrainingFailed(reply)
+        return reply
+
+    try:
+        return secaggplus_mod(msg, context, guarded)
+    except _TrainingFailed as failed:
+        return Message(error=failed.reply.error, reply_to=msg)
+
+
+def read_fitins(msg: Message) -> tuple[list[str], State, dict[str, Scalar]]:
+    """Tensor names, the global adapter by name, and the plain fit config."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config: dict[str, Scalar] = dict(fitins.config)
+    if NAMES_KEY not in config:
+        raise ConfigError(
+            f"SecAgg+ fit request has no '{NAMES_KEY}' in its config; the server must "
+            "run fedlora.server.secagg (plain Flower SecAgg+ does not name tensors)"
+        )
+    names = json.loads(str(config.pop(NAMES_KEY)))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(names) != len(arrays):
+        raise ConfigError(
+            f"SecAgg+ fit request names {len(names)} tensors but carries {len(arrays)}"
+        )
+    return names, dict(zip(names, arrays, strict=True)), config
+
+
+def fitres_reply(
+    msg: Message,
+    names: list[str],
+    global_state: Mapping[str, np.ndarray],
+    trained: Mapping[str, np.ndarray],
+    num_examples: int,
+    metrics: Mapping[str, Scalar],
+    config: Mapping[str, Scalar],
+) -> Message:
+    """The legacy ``FitRes`` reply carrying ``trained - global`` for the mod to mask."""
+    if sorted(trained) != sorted(names):
+        missing = sorted(set(names) - set(trained))
+        extra = sorted(set(trained) - set(names))
+        raise ConfigError(
+            f"training returned a state that differs from the global adapter: missing "
+            f"{missing[:3]}, unexpected {extra[:3]}"
+        )
+    deltas = []
+    for name in names:
+        new, old = np.asarray(trained[name]), global_state[name]
+        if new.shape != old.shape:
+            raise ConfigError(f"training changed the shape of {name!r}: {old.shape} -> {new.shape}")
+        deltas.append((new.astype(np.float64) - old.astype(np.float64)).astype(np.float32))
+    max_weight = float(config.get(MAX_WEIGHT_KEY, 0.0))
+    if max_weight and num_examples > max_weight:
+        raise ConfigError(
+            f"this node trained on {num_examples} examples but the federation's SecAgg+ "
+            f"max_weight is {max_weight:g}; the masked sum would overflow. Ask the "
+            "operator to raise max-weight (or cap max-train-examples)."
+        )
+    extra_metrics: dict[str, Scalar] = {}
+    clipping = float(config.get(CLIPPING_KEY, 0.0))
+    if clipping and max_weight:
+        # secaggplus_mod clips (num_examples / max_weight) * delta at +-clipping.
+        limit = clipping * max_weight / max(num_examples, 1)
+        total = sum(d.size for d in deltas)
+        clipped = sum(int(np.count_nonzero(np.abs(d) > limit)) for d in deltas)
+        extra_metrics[METRIC_CLIPPED] = clipped / total if total else 0.0
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(deltas),
+        num_examples=int(num_examples),
+        metrics={**dict(metrics), **extra_metrics},
+    )
+    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def secagg_fit_handler(train_fn: TrainFn) -> ClientAppCallable:
+    """A ``@app.train()`` handler for SecAgg+ rounds around ``train_fn``.
+
+    ``train_fn(state, config, context)`` gets a copy of the global adapter by
+    name and the round's config (``server-round`` and whatever the server
+    added), and returns the trained adapter, its example count (the FedAvg
+    weight) and scalar metrics. A :class:`fedlora.errors.FedloraError` it
+    raises becomes an error reply naming the problem.
+    """
+
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            names, global_state, config = read_fitins(msg)
+            work = {k: v.copy() for k, v in global_state.items()}
+            trained, num_examples, metrics = train_fn(work, dict(config), context)
+            return fitres_reply(msg, names, global_state, trained, num_examples, metrics, config)
+        except FedloraError as exc:
+            return _error(msg, exc, ERROR_CODE_USER)
+
+    return handle
+
+
+def build_secagg_client_app(train_fn: TrainFn, required: bool = True) -> ClientApp:
+    """A ClientApp that trains with ``train_fn`` and only sends masked updates."""
+    app = ClientApp(mods=[secagg_mod(required)])
+    app.train()(secagg_fit_handler(train_fn))
+    return app
+
+
+def fedlora_secagg_train(
+    msg: Message, context: Context, overrides: dict[str, Any] | None = None
+) -> Message:
+    """fedlora's ``train`` handler inside a SecAgg+ round.
+
+    The protocol's ``FitIns`` is rewritten into the message fedlora's handler
+    reads (``arrays`` + ``config`` with ``server-round``), so data loading,
+    local DP, the node's privacy ledger and error replies behave exactly as
+    in a plain round; its reply is turned into the ``FitRes`` the mod masks.
+    """
+    from fedlora.client.app import arrays_to_state, train
+    from fedlora.config import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
+
+    try:
+        names, global_state, config = read_fitins(msg)
+    except FedloraError as exc:
+        return _error(msg, exc, ERROR_CODE_USER)
+    plain = {k: v for k, v in config.items() if k not in (CLIPPING_KEY, MAX_WEIGHT_KEY)}
+    msg.content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in global_state.items()}),
+            CONFIG_KEY: ConfigRecord(plain),  # type: ignore[arg-type]
+        }
+    )
+    reply = train(msg, context, overrides)
+    if reply.has_error():
+        return reply
+    trained = arrays_to_state(reply.content.array_records[ARRAYS_KEY])
+    metrics: dict[str, Scalar] = {}
+    for record in reply.content.metric_records.values():
+        metrics.update({k: v for k, v in record.items() if isinstance(v, int | float)})
+    num_examples = int(metrics.pop(METRIC_NUM_EXAMPLES, 0))
+    try:
+        return fitres_reply(msg, names, global_state, trained, num_examples, metrics, config)
+    except FedloraError as exc:
+        return _error(msg, exc, ERROR_CODE_USER)
+
+
+def _error(msg: Message, exc: BaseException, code: int) -> Message:
+    return Message(error=Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
