@@ -67,6 +67,9 @@ def simulate(
         float, typer.Option(help="GPU fraction per virtual client (0.25 -> 4 share one).")
     ] = 0.0,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in run-dir from its last complete round.")
+    ] = False,
 ) -> None:
     """Run a federated simulation of N virtual clients (Flower simulation engine)."""
     from fedlora.simulations.engine import Resources
@@ -75,6 +78,8 @@ def simulate(
 
     try:
         overrides = parse_overrides(config or [])
+        if resume:
+            overrides["resume"] = True
         status = run(overrides, num_clients, Resources(num_cpus, num_gpus), verbose)
     except FedloraError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

@@ -233,6 +233,9 @@ class RunConfig:
     seed: int = _field(42, "Root seed: model init, splits, sampling per (seed, round).")
     run_dir: str = _field("runs/latest", "Where metrics, checkpoints, adapters go.")
     round_timeout: float = _field(3600.0, "Seconds to wait for replies in a round.")
+    resume: bool = _field(
+        False, "Continue from run-dir's last complete round (checkpoint) instead of anew."
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -317,12 +320,20 @@ for _group, _cls in _GROUPS.items():
         if _f.name in _GROUPS:
             continue
         _prefix = "lora-" if _group == "lora" else ""
-        _type = {"int": int, "float": float, "str": str, "tuple[str, ...]": tuple}[str(_f.type)]
+        _type = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}[
+            str(_f.type)
+        ]
         _FLAT_FIELDS[_prefix + _flat_name(_f.name)] = (_group, _f.name, _type)
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
     """Coerce TOML/CLI values to the field's type, naming the key on failure."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: true, false")
     if typ is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(str(v).strip() for v in value if str(v).strip())

@@ -16,7 +16,7 @@ failed; ``fedlora simulate`` and ``fedlora run`` read it to set their exit code.
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 import math
 import sys
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -32,7 +31,7 @@ from fedlora.client.app import arrays_to_state, state_to_arrays
 from fedlora.client.train import encode, evaluate
 from fedlora.config import METRIC_ACCURACY, METRIC_LOSS, METRIC_NUM_EXAMPLES, RunConfig
 from fedlora.data.partition import simulation_split
-from fedlora.io import atomic_write_bytes, atomic_write_json
+from fedlora.io import atomic_write_json
 from fedlora.models import (
     adapter_state,
     build_model,
@@ -41,6 +40,7 @@ from fedlora.models import (
     load_tokenizer,
 )
 from fedlora.privacy.central import central_epsilon, wrap_central
+from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.history import RoundRecord, RunHistory
 from fedlora.server.loop import (
     RoundOutcome,
@@ -78,15 +78,6 @@ def write_status(run_dir: Path, status: str, reason: str = "", **extra: Any) -> 
     )
 
 
-def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord) -> None:
-    """Latest global adapter and its round, written atomically."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays_to_state(arrays))  # type: ignore[arg-type]
-    ckpt = run_dir / CHECKPOINT_DIR
-    atomic_write_bytes(ckpt / "adapter.npz", buffer.getvalue())
-    atomic_write_json(ckpt / "state.json", {"round": server_round})
-
-
 class GlobalEvaluator:
     """Evaluates a global adapter on the server's held-out split."""
 
@@ -110,7 +101,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / CONFIG_FILE, cfg.to_flat())
     write_status(run_dir, "running")
-    history = RunHistory(run_dir)
+    history = RunHistory.load(run_dir) if cfg.resume else RunHistory(run_dir)
     try:
         _pool, test = simulation_split(cfg.data, cfg.seed)
         labels = list(test.labels.names)
@@ -130,21 +121,32 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
                 cfg.privacy.dp_delta,
             )
         evaluator = GlobalEvaluator(cfg, model)
-        initial = evaluator(0, arrays)
-        history.add(
-            RoundRecord(
-                round=0, global_loss=initial[METRIC_LOSS], global_accuracy=initial[METRIC_ACCURACY]
+        first_round = 1
+        checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
+        if checkpoint is not None:
+            arrays = state_to_arrays(checkpoint.state)
+            strategy = checkpoint.strategy
+            first_round = checkpoint.server_round + 1
+            history.truncate(checkpoint.server_round)
+            log.info("resuming %s after round %d", run_dir, checkpoint.server_round)
+        else:
+            initial = evaluator(0, arrays)
+            history.add(
+                RoundRecord(
+                    round=0,
+                    global_loss=initial[METRIC_LOSS],
+                    global_accuracy=initial[METRIC_ACCURACY],
+                )
             )
-        )
-        log.info(
-            "[round 0/%d] global acc %.3f · loss %.3f (before training)",
-            cfg.num_server_rounds,
-            initial[METRIC_ACCURACY],
-            initial[METRIC_LOSS],
-        )
+            log.info(
+                "[round 0/%d] global acc %.3f · loss %.3f (before training)",
+                cfg.num_server_rounds,
+                initial[METRIC_ACCURACY],
+                initial[METRIC_LOSS],
+            )
         latest = {"arrays": arrays}
 
-        clients = ClientLog(run_dir)
+        clients = ClientLog(run_dir, keep_until=first_round - 1 if cfg.resume else 0)
 
         def on_round(outcome: RoundOutcome) -> None:
             latest["arrays"] = outcome.arrays
@@ -154,12 +156,14 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
             if central_eps is not None:
                 record.extra["epsilon-user-level"] = central_eps
             history.add(record)
-            save_checkpoint(run_dir, outcome.server_round, outcome.arrays)
+            save_checkpoint(
+                run_dir, cfg, outcome.server_round, arrays_to_state(outcome.arrays), strategy
+            )
             log.info("%s", progress_line(outcome, cfg.num_server_rounds))
 
         status, reason = "completed", ""
         try:
-            run_rounds(strategy, grid, arrays, cfg, evaluator, on_round)
+            run_rounds(strategy, grid, arrays, cfg, evaluator, on_round, first_round=first_round)
         except RunStopped as stop:
             status, reason = "stopped", str(stop)
             log.warning("run stopped: %s", reason)
@@ -188,9 +192,10 @@ class ClientLog:
     when local DP is on.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, keep_until: int = 0):
         self.path = run_dir / "clients.json"
-        self.rows: list[dict[str, Any]] = []
+        old = json.loads(self.path.read_text()) if keep_until and self.path.is_file() else []
+        self.rows: list[dict[str, Any]] = [r for r in old if r["round"] <= keep_until]
 
     def add(self, outcome: RoundOutcome) -> dict[str, float]:
         """Append this round's rows; returns summary metrics (ε max/mean)."""
