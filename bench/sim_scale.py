@@ -18,7 +18,7 @@ Prints JSON with up to three parts:
   (10 clients, BBC News, Dirichlet α=0.5), ``--demo-rounds`` rounds.
 
 Run: .venv/bin/python bench/sim_scale.py [--skip-compute] [--skip-memory] [--demo]
-Default run (compute + memory) takes about 5 minutes on 2 CPU cores. Not a test.
+Default run (compute + memory) takes about 3-4 minutes on 2 CPU cores. Not a test.
 """
 
 from __future__ import annotations

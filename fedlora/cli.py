@@ -115,15 +115,17 @@ def sweep(
         folder = out or Path("runs") / spec.name
         n = len(spec.cells())
         typer.echo(f"sweep {spec.name}: {n} cell(s) x {spec.num_clients} clients -> {folder}")
-        rows = run_sweep(
-            spec,
-            folder,
-            verbose,
-            on_cell=lambda row: typer.echo(
-                f"  {row['cell']}: {row['status']} · final acc {row['final_accuracy']} "
-                f"· {row['wall_seconds']:.0f} s"
-            ),
-        )
+        done: list[str] = []
+
+        def progress(row: dict[str, Any]) -> None:
+            done.append(row["cell"])
+            acc = row["final_accuracy"]
+            typer.echo(
+                f"[cell {len(done)}/{n}] {row['cell']}: {row['status']} · final acc "
+                f"{'-' if acc is None else f'{acc:.4f}'} · {row['wall_seconds']:.0f} s"
+            )
+
+        rows = run_sweep(spec, folder, verbose, on_cell=progress)
     except FedloraError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -65,6 +65,9 @@ class LoraSettings:
         )
 
 
+COMPRESSION_KINDS = ("none", "int8", "int4", "topk")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Local training recipe a client follows each round."""
@@ -76,9 +79,31 @@ class TrainSettings:
     max_train_examples: int = _field(
         0, "Cap on local examples used per round (0 = all); for quick experiments."
     )
+    compression: str = _field(
+        "none",
+        "How a client encodes its update for upload: none, int8, int4 (blockwise absmax) "
+        "or topk (with error feedback kept across rounds in the node's state).",
+    )
+    compression_block_size: int = _field(
+        64, "Elements per int8/int4 scale (0 = one scale per tensor)."
+    )
+    topk_fraction: float = _field(0.01, "Share of each tensor's entries top-k sends, in (0, 1].")
 
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
+        _require(
+            self.compression in COMPRESSION_KINDS,
+            "compression",
+            self.compression,
+            ", ".join(COMPRESSION_KINDS),
+        )
+        _require(
+            self.compression_block_size >= 0,
+            "compression-block-size",
+            self.compression_block_size,
+            ">= 0 (0 means one scale per tensor)",
+        )
+        _require(0 < self.topk_fraction <= 1, "topk-fraction", self.topk_fraction, "0 < x <= 1")
         _require(0 < self.learning_rate < 1, "learning-rate", self.learning_rate, "0 < x < 1")
         _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
         _require(
@@ -128,6 +153,8 @@ class DataSettings:
                 f"labels has duplicates: {','.join(self.labels)}; list each label once"
             )
 
+
+SIM_ATTACKS = ("sign-flip", "scaled-noise", "label-flip")
 
 DP_MODES = (
     "none",
@@ -236,6 +263,23 @@ class RunConfig:
     resume: bool = _field(
         False, "Continue from run-dir's last complete round (checkpoint) instead of anew."
     )
+    sim_client_ranks: tuple[str, ...] = _field(
+        (),
+        "Simulation only, strategy=hetero-rank: LoRA ranks given to partitions round-robin "
+        "(e.g. '4,16'); empty = every client trains at lora-rank. A real node sets its "
+        "own rank with the node-config key lora-rank.",
+    )
+    sim_malicious_fraction: float = _field(
+        0.0,
+        "Simulation only: share of partitions that poison their updates (chosen from seed); "
+        "ignored at nodes with their own data-path.",
+    )
+    sim_attack: str = _field(
+        "sign-flip", "Simulation only: the poisoning: sign-flip, scaled-noise or label-flip."
+    )
+    sim_attack_scale: float = _field(
+        10.0, "Simulation only: factor of sign-flip (delta -> -s·delta) and scaled-noise."
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -253,6 +297,35 @@ class RunConfig:
         )
         _require(self.min_train_nodes >= 1, "min-train-nodes", self.min_train_nodes, ">= 1")
         _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+        _require(
+            all(r.isdigit() and int(r) >= 1 for r in self.sim_client_ranks),
+            "sim-client-ranks",
+            ",".join(self.sim_client_ranks),
+            "comma-separated integers >= 1, e.g. '4,16'",
+        )
+        _require(
+            0 <= self.sim_malicious_fraction <= 1,
+            "sim-malicious-fraction",
+            self.sim_malicious_fraction,
+            "0 <= x <= 1",
+        )
+        _require(
+            self.sim_attack in SIM_ATTACKS, "sim-attack", self.sim_attack, ", ".join(SIM_ATTACKS)
+        )
+        _require(self.sim_attack_scale > 0, "sim-attack-scale", self.sim_attack_scale, "> 0")
+        if self.train.compression != "none" and self.privacy.dp_mode.startswith("central"):
+            # Flower's DP wrappers clip what arrives; an encoded delta is not a model.
+            raise ConfigError(
+                f"compression={self.train.compression} cannot be combined with "
+                f"dp-mode={self.privacy.dp_mode}: central DP clips and noises the updates "
+                "the server receives, which compression has encoded. Set compression=none "
+                "or use dp-mode=local"
+            )
+
+    @property
+    def client_ranks(self) -> tuple[int, ...]:
+        """``sim-client-ranks`` as integers (empty: every client at lora-rank)."""
+        return tuple(int(r) for r in self.sim_client_ranks)
 
     # ------------------------------------------------------------------ I/O
     @classmethod

@@ -172,17 +172,68 @@ def cached_model(model_path: str | None, num_labels: int, lora: LoraSettings, se
 
 
 def adapter_state(model: Any) -> AdapterState:
-    """The trainable tensors (LoRA A/B and classifier head) by PEFT's names."""
+    """Every adapter tensor (LoRA A/B and classifier head) by PEFT's names.
+
+    This is the whole adapter, including tensors a client keeps frozen (FFA-LoRA's
+    A); :func:`trainable_state` is the part a client sends.
+    """
+    return {k: _numpy(v) for k, v in _checked_peft_state(model)[0].items()}
+
+
+def trainable_state(model: Any) -> AdapterState:
+    """The adapter tensors that train, by PEFT's names: what a client sends.
+
+    Equal to :func:`adapter_state` in ordinary LoRA; under FFA-LoRA (A frozen)
+    only B and the head.
+    """
+    state, trainable_keys = _checked_peft_state(model)
+    return {k: _numpy(state[k]) for k in trainable_keys}
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy().astype(np.float32, copy=True)
+
+
+def _checked_peft_state(model: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT's adapter state and which of its keys are trainable.
+
+    PEFT renames parameters in its state (``lora_A.default.weight`` ->
+    ``lora_A.weight``, ``modules_to_save.default.weight`` -> ``weight``), so a
+    state entry is matched to its parameter by storage, not by name. Any
+    trainable parameter outside the adapter is an error: it would train but
+    never travel.
+    """
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model)
-    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    if len(state) != n_trainable:
+    by_storage = {(v.data_ptr(), tuple(v.shape)): k for k, v in state.items()}
+    trainable_keys: list[str] = []
+    outside: list[str] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = by_storage.get((param.data_ptr(), tuple(param.shape)))
+        if key is None:
+            outside.append(name)
+        else:
+            trainable_keys.append(key)
+    if outside:
         raise ModelError(
-            f"PEFT state has {len(state)} tensors but the model has {n_trainable} "
-            "trainable ones; only adapter tensors may be trainable"
+            f"{len(outside)} trainable parameter(s) are not part of the adapter "
+            f"(e.g. {outside[0]}); only adapter tensors may be trainable"
         )
-    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in state.items()}
+    order = {k: i for i, k in enumerate(state)}
+    return state, sorted(trainable_keys, key=order.__getitem__)
+
+
+def set_lora_a_trainable(model: Any, trainable: bool) -> None:
+    """Freeze (FFA-LoRA) or unfreeze every LoRA A factor of ``model``.
+
+    Set on every use, because a cached model serves clients of any mode.
+    """
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(trainable)
 
 
 def load_adapter_state(model: Any, state: AdapterState) -> None:

@@ -134,3 +134,38 @@ def test_too_few_replies_stops_cleanly_with_reason(
     assert status["status"] == "stopped"
     assert "only 2 of 3 sampled nodes replied" in status["reason"]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def _slow_partition_zero(msg: Any, context: Any, call_next: Any) -> Any:
+    """Site 0 answers round 2 after the timeout; in round 3 the other sites
+    take a while, so the straggler's late reply arrives while round 3 runs."""
+    import time
+
+    if msg.metadata.message_type == "train":
+        site = int(context.node_config.get("partition-id", -1))
+        rnd = int(msg.content.config_records["config"]["server-round"])
+        if site == 0 and rnd == 2:
+            time.sleep(14)
+        if site != 0 and rnd == 3:
+            time.sleep(8)
+    return call_next(msg, context)
+
+
+def test_straggler_is_dropped_and_its_late_reply_logged(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    status = simulate(
+        _overrides(
+            tiny_model_dir, text_csv, tmp_path, **{"round-timeout": 12.0, "num-server-rounds": 3}
+        ),
+        3,
+        Resources(num_cpus=0.5),
+        client_mods=[_slow_partition_zero],
+    )
+    assert status["status"] == "completed", status
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["clients_ok"] == 3
+    assert rounds[2]["clients_ok"] == 2
+    assert any("no reply before timeout" in f for f in rounds[2]["failures"])
+    late = [f for f in rounds[3]["failures"] if "late reply" in f]
+    assert late and "for round 2 dropped" in late[0]

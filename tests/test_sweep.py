@@ -42,7 +42,8 @@ def test_unknown_grid_key_is_named(tmp_path: Path) -> None:
     path = _toml(tmp_path, '[experiment]\nname = "x"\n[grid]\nlearning_rate = [0.1, 0.2]\n')
     with pytest.raises(ConfigError, match="unknown config key 'learning_rate'") as err:
         load_sweep(path)
-    assert str(path) in str(err.value) and "learning-rate" in str(err.value)
+    assert str(path) in str(err.value)
+    assert "did you mean 'learning-rate'?" in str(err.value)
 
 
 def test_experiment_key_in_grid_gets_a_hint(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,93 @@ def sample_nodes(
     return sorted(chosen, key=sites.key)
 
 
+class Exchange:
+    """Push messages, pull replies with a progress bar, drop and log late ones.
+
+    Flower's ``send_and_receive`` blocks silently until every reply or the
+    timeout. This keeps the same semantics but reports each reply as it
+    arrives (one terminal bar per round) and remembers the ids it gave up on,
+    so a straggler's reply that turns up later is logged and dropped instead
+    of leaking into another round.
+    """
+
+    def __init__(self, grid: Grid, sites: SiteRegistry, poll: float = 0.2):
+        self.grid = grid
+        self.sites = sites
+        self.poll = poll
+        self.abandoned: dict[str, tuple[int, int]] = {}  # msg id -> (round, node)
+        self.last_late: list[str] = []  # late replies dropped by the last send()
+
+    def drain_late(self) -> list[str]:
+        """Pull replies to messages an earlier round stopped waiting for."""
+        if not self.abandoned:
+            return []
+        lines = []
+        for msg in self.grid.pull_messages(list(self.abandoned)):
+            rnd, node = self.abandoned.pop(msg.metadata.reply_to_message_id, (0, 0))
+            lines.append(
+                f"late reply from {self.sites.key(node)} (node {node}) for round {rnd} dropped"
+            )
+        return lines
+
+    def _log_late(self) -> None:
+        for line in self.drain_late():
+            log.warning("%s", line)
+            self.last_late.append(line)
+
+    def send(
+        self, messages: list[Message], timeout: float, server_round: int, label: str
+    ) -> list[Message]:
+        """Replies that arrived within ``timeout`` seconds."""
+        self.last_late = []
+        self._log_late()
+        dst = {}
+        ids = []
+        for mid, msg in zip(self.grid.push_messages(messages), messages, strict=True):
+            dst[mid] = msg.metadata.dst_node_id
+            ids.append(mid)
+        pending = set(ids)
+        replies: list[Message] = []
+        bar = _ProgressBar(f"round {server_round} {label}", len(ids))
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for msg in self.grid.pull_messages(list(pending)):
+                pending.discard(msg.metadata.reply_to_message_id)
+                replies.append(msg)
+                bar.update(len(replies))
+            self._log_late()
+            if pending:
+                time.sleep(self.poll)
+        bar.close()
+        for mid in pending:
+            self.abandoned[mid] = (server_round, dst[mid])
+        return replies
+
+
+class _ProgressBar:
+    """A one-line ``[#####.....] 5/10 replies`` bar, only on a terminal."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total = label, total
+        self.enabled = sys.stderr.isatty() and total > 0
+        self.update(0)
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * done / self.total)
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} replies"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * (len(self.label) + 50) + "\r")
+            sys.stderr.flush()
+
+
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     """Block until ``minimum`` nodes are connected, or stop with a reason."""
     deadline = time.monotonic() + timeout
@@ -228,11 +316,14 @@ def run_rounds(
     a round cannot go on: too few nodes connected or replying.
     """
     sites = SiteRegistry()
+    exchange = Exchange(grid, sites)
     exhausted: set[str] = set()
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         start = time.perf_counter()
         wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout)
-        sites.refresh(grid, timeout=min(cfg.round_timeout, 120.0))
+        # Node start-up (model load) can exceed a short round timeout; the query
+        # reads no data, so give it at least a minute.
+        sites.refresh(grid, timeout=max(cfg.round_timeout, 60.0))
         eligible = [n for n in grid.get_node_ids() if sites.key(n) not in exhausted]
         if len(eligible) < cfg.min_train_nodes:
             raise RunStopped(
@@ -251,8 +342,9 @@ def run_rounds(
         )
         config = ConfigRecord(dict(train_config or {}))
         messages = list(strategy.configure_train(rnd, arrays, config, _view(grid, nodes)))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        replies = exchange.send(messages, cfg.round_timeout, rnd, "train")
         ok, failures = split_replies(replies, nodes, sites, exhausted)
+        failures.extend(exchange.last_late)
         if reply_filter is not None:
             ok, rejected = reply_filter(rnd, ok)
             failures.extend(rejected)
@@ -287,7 +379,9 @@ def run_rounds(
                 rnd, arrays, ConfigRecord(), _view(grid, eval_nodes)
             )
             eval_ok, eval_fail = split_replies(
-                grid.send_and_receive(list(eval_msgs), timeout=cfg.round_timeout), eval_nodes, sites
+                exchange.send(list(eval_msgs), cfg.round_timeout, rnd, "evaluate"),
+                eval_nodes,
+                sites,
             )
             outcome.failures.extend(f"evaluate: {f}" for f in eval_fail)
             if eval_ok:

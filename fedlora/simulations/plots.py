@@ -109,7 +109,7 @@ def load_clients(run_dir: str | Path) -> list[dict[str, Any]] | None:
 
 # ---------------------------------------------------------------- plot data
 def _series(rounds: Sequence[dict[str, Any]], key: str, label: str) -> Series | None:
-    points = [(r["round"], r.get(key)) for r in rounds if r.get(key) is not None]
+    points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
     if not points:
         return None
     return Series(label, tuple(float(x) for x, _ in points), tuple(float(y) for _, y in points))

@@ -27,6 +27,7 @@ compute is spent, not in cell 7) and the comparison.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import itertools
 import json
@@ -86,19 +87,14 @@ class Sweep:
                 )
         if self.num_clients < 1:
             raise ConfigError(f"{self.source}: num-clients is {self.num_clients}; use >= 1")
-        for key in self.config:
-            if key not in DEFAULTS:
-                raise ConfigError(
-                    f"{self.source}: [config] has unknown config key '{key}'; "
-                    f"known keys: {', '.join(sorted(DEFAULTS))}"
-                )
+        for table, keys in (("config", list(self.config)), ("grid", list(self.grid))):
+            for key in keys:
+                if key not in DEFAULTS:
+                    raise ConfigError(
+                        f"{self.source}: [{table}] has unknown config key '{key}'"
+                        f"{_hint(key)}; known keys: {', '.join(sorted(DEFAULTS))}"
+                    )
         for key, values in self.grid.items():
-            if key not in DEFAULTS:
-                hint = " (it is an [experiment] key)" if key in _EXPERIMENT_KEYS else ""
-                raise ConfigError(
-                    f"{self.source}: [grid] has unknown config key '{key}'{hint}; "
-                    f"known keys: {', '.join(sorted(DEFAULTS))}"
-                )
             if not isinstance(values, list) or not values:
                 raise ConfigError(
                     f"{self.source}: [grid] {key} = {values!r} must be a non-empty list, "
@@ -146,6 +142,13 @@ class Sweep:
                     f"{self.source}, cell {cell.name}: min-train-nodes={cfg.min_train_nodes} "
                     f"exceeds num-clients={self.num_clients}"
                 )
+
+
+def _hint(key: str) -> str:
+    if key in _EXPERIMENT_KEYS:
+        return " (it is an [experiment] key)"
+    close = difflib.get_close_matches(key.replace("_", "-"), list(DEFAULTS), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def cell_name(values: dict[str, Any]) -> str:
@@ -276,7 +279,7 @@ def run_sweep(
     rows: list[dict[str, Any]] = []
     resources = Resources(sweep.num_cpus, sweep.num_gpus)
     for index, cell in enumerate(cells, start=1):
-        log.info("sweep %s: cell %d/%d %s", sweep.name, index, len(cells), cell.name)
+        log.debug("sweep %s: cell %d/%d %s", sweep.name, index, len(cells), cell.name)
         run_dir = out / cell.name
         start = time.perf_counter()
         status = simulate(sweep.overrides(cell, run_dir), sweep.num_clients, resources, verbose)

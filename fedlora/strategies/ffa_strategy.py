@@ -1,0 +1,60 @@
+"""``ffa-lora``: A frozen at the shared init, only B (and the head) trained and sent.
+
+FFA-LoRA (Sun et al., ICLR 2024, https://arxiv.org/abs/2403.12313).
+
+With A identical and frozen everywhere, the mean of the clients' deltas is
+``mean(B_i) @ A``, so averaging B is exact
+(:func:`fedlora.strategies.ffa_lora.aggregate_ffa`), half the LoRA tensors
+never travel, and DP noise is spread over half the dimensions.
+
+Where the shared A comes from: every party builds the model with
+:func:`fedlora.models.build_model`, which draws PEFT's LoRA init from a
+generator forked from the run ``seed``, so the A each client holds is
+bit-identical to the server's. Clients (``client_mode`` ffa) set
+``requires_grad=False`` on every ``lora_A`` and send only B and the head; the
+server keeps A from the global arrays it sent. A client that sends an A which
+differs from the global one (it trained A) is left out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from fedlora.errors import UpdateRejected
+from fedlora.strategies.ffa_lora import aggregate_ffa, ffa_trainable_keys
+from fedlora.strategies.lora_math import State, is_lora_a
+from fedlora.strategies.lora_strategy import LoraStrategy
+from fedlora.strategies.protocol import MODE_FFA
+
+__all__ = ["FfaLora"]
+
+
+class FfaLora(LoraStrategy):
+    """Average B and dense tensors; keep the global A unchanged."""
+
+    client_mode = MODE_FFA
+
+    def check_update(self, state: State, base: ArrayRecord, source: str) -> None:
+        """B and head must all be there; an A, if sent, must be the global one."""
+        missing = [k for k in ffa_trainable_keys(base.keys()) if k not in state]
+        if missing:
+            raise UpdateRejected(
+                f"{source} did not send {len(missing)} tensor(s), e.g. {missing[0]!r}; "
+                "under ffa-lora every lora_B and head tensor must be sent"
+            )
+        for key, value in state.items():
+            if is_lora_a(key) and not np.array_equal(value, base[key].numpy()):
+                raise UpdateRejected(
+                    f"{source} sent {key!r} that differs from the global A; under ffa-lora "
+                    "A is frozen (the client must not train it)"
+                )
+
+    def aggregate_states(
+        self, server_round: int, states: list[State], weights: list[float]
+    ) -> tuple[State, dict[str, float]]:
+        """Weighted mean of B and dense tensors; A from the global arrays."""
+        trained = [{k: v for k, v in s.items() if not is_lora_a(k)} for s in states]
+        mean = aggregate_ffa(trained, weights)
+        shared_a = {k: v for k, v in self.global_state().items() if is_lora_a(k)}
+        return {**shared_a, **mean}, {}

@@ -1,0 +1,286 @@
+"""The real fedlora app in a real deployment on loopback: TLS, node auth, 3 sites.
+
+``fedlora server`` starts the SuperLink, ``fedlora register`` registers the
+sites' keys, ``fedlora node`` starts one SuperNode per site (each with its own
+CSV in its node config) and ``fedlora run`` submits the repository root as the
+Flower App with the tiny BERT from conftest. Then the failure cases a real
+federation meets: a node whose key was never registered, a node whose data
+file has the wrong column (its error replies are logged; the run goes on),
+and a node killed mid-run (the round waits at most ``round-timeout``; the run
+completes with the others).
+
+Time: about 2-3 minutes on 2 CPU cores; every process is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import make_text_csv
+from typer.testing import CliRunner
+
+from fedlora import deploy
+from fedlora.ops_cli import app as ops_app
+
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+CONNECTION = "fedlora-e2e"
+LABELS = "money,sport,tech"
+SITES = ["alpha", "bravo", "charlie"]
+STARTUP_TIMEOUT = 60.0
+RUN_TIMEOUT = 240.0
+ROUND_TIMEOUT = 60
+
+
+@dataclass
+class Federation:
+    root: Path
+    address: str
+    ca: Path
+    certs: Path
+    cli_home: Path
+    superlink: deploy.LocalProcess
+    nodes: dict[str, deploy.LocalProcess] = field(default_factory=dict)
+
+    def logs(self) -> str:
+        procs = {"superlink": self.superlink, **self.nodes}
+        return "\n".join(f"--- {n} ---\n{p.log_tail(3000)}" for n, p in procs.items())
+
+    def node(self, name: str, data: Path, *extra: str) -> deploy.LocalProcess:
+        """``fedlora node`` for site ``name`` (not started)."""
+        port = deploy.free_port()
+        command = _ops(
+            "node",
+            "--superlink",
+            self.address,
+            "--ca",
+            str(self.ca),
+            "--key",
+            str(self.certs / "nodes" / f"{name}.key"),
+            "--data-path",
+            str(data),
+            "--site-name",
+            name,
+            "--runtime-port",
+            str(port),
+            "--state-dir",
+            str(self.root / "state" / name),
+            *extra,
+        )
+        return deploy.LocalProcess(
+            command,
+            self.root / f"{name}.log",
+            env=deploy.flower_env(self.root / "home" / name),
+            ready_port=port,
+            ready_timeout=STARTUP_TIMEOUT,
+        )
+
+    def run(self, run_dir: Path, **overrides: object) -> tuple[subprocess.CompletedProcess, int]:
+        """``fedlora run`` of the repository's app; returns the process and the run id."""
+        config = {**_run_config(self, run_dir), **overrides}
+        args = [a for k, v in config.items() for a in ("-c", f"{k}={_toml(v)}")]
+        done = subprocess.run(
+            _ops(
+                "run",
+                "--ca",
+                str(self.ca),
+                "--superlink",
+                self.address,
+                "--flwr-home",
+                str(self.cli_home),
+                "--connection",
+                CONNECTION,
+                "--app",
+                str(REPO),
+                "--timeout",
+                str(RUN_TIMEOUT),
+                *args,
+            ),
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT + 60,
+            check=False,
+            env=deploy.flower_env(self.cli_home),
+        )
+        found = re.search(r"submitted run (\d+)", done.stderr)
+        assert found, done.stdout + done.stderr + self.logs()
+        return done, int(found.group(1))
+
+
+def _ops(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedlora.ops_cli", *args]
+
+
+def _toml(value: object) -> str:
+    return json.dumps(value) if isinstance(value, str) else str(value).lower()
+
+
+def _run_config(fed: Federation, run_dir: Path) -> dict[str, object]:
+    return {
+        "model-path": str(fed.root / "tiny-bert"),
+        "dataset": "file",
+        "data-file": str(fed.root / "data" / "server.csv"),
+        "labels": LABELS,
+        "num-server-rounds": 2,
+        "lora-rank": 2,
+        "lora-alpha": 4,
+        "lora-dropout": 0.0,
+        "batch-size": 16,
+        "max-seq-length": 16,
+        "max-train-examples": 32,
+        "min-train-nodes": 2,
+        "round-timeout": ROUND_TIMEOUT,
+        "run-dir": str(run_dir),
+        "seed": 7,
+    }
+
+
+@pytest.fixture(scope="module")
+def federation(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("fedlora-deploy")
+    (root / "tiny-bert").symlink_to(tiny_model_dir, target_is_directory=True)
+    data = root / "data"
+    data.mkdir()
+    make_text_csv(data / "server.csv", n=60, seed=100)
+    for i, site in enumerate(SITES):
+        make_text_csv(data / f"{site}.csv", n=48, seed=i)
+    certs_dir = root / "certs"
+    runner = CliRunner()
+    made = runner.invoke(
+        ops_app,
+        ["certs", "--out", str(certs_dir), "--host", "localhost", "--host", "127.0.0.1"]
+        + [a for n in [*SITES, "broken", "mallory"] for a in ("--node", n)],
+    )
+    assert made.exit_code == 0, made.output
+    port = deploy.free_port()
+    address = f"{deploy.LOOPBACK}:{port}"
+    superlink = deploy.LocalProcess(
+        _ops("server", "--certs", str(certs_dir), "--port", str(port), "--state-dir", str(root)),
+        root / "superlink.log",
+        env=deploy.flower_env(root / "home" / "superlink"),
+        ready_port=port,
+        ready_timeout=STARTUP_TIMEOUT,
+    )
+    fed = Federation(root, address, certs_dir / "ca.crt", certs_dir, root / "home" / "cli", superlink)
+    with ExitStack() as stack:
+        stack.enter_context(superlink)
+        # mallory's key is never registered.
+        keys = [str(certs_dir / "nodes" / f"{n}.pub") for n in [*SITES, "broken"]]
+        common = ["--superlink", address, "--ca", str(fed.ca), "--flwr-home", str(fed.cli_home)]
+        registered = runner.invoke(
+            ops_app, ["register", *keys, *common, "--connection", CONNECTION]
+        )
+        assert registered.exit_code == 0, registered.output + fed.logs()
+        assert registered.output.count("registered as node") == 4, registered.output
+        for site in SITES:
+            fed.nodes[site] = fed.node(site, data / f"{site}.csv", "--labels", LABELS)
+        # Runs first on exit: stop everything concurrently.
+        stack.callback(deploy.stop_all, [*fed.nodes.values(), superlink])
+        for proc in fed.nodes.values():
+            stack.enter_context(proc)
+        yield fed
+
+
+def test_run_completes_with_three_sites(federation: Federation) -> None:
+    run_dir = federation.root / "runs" / "complete"
+    done, run_id = federation.run(run_dir)
+    assert done.returncode == 0, done.stdout + done.stderr + federation.logs()
+    status = deploy.run_status(federation.cli_home, CONNECTION, run_id)
+    assert status == deploy.RUN_COMPLETED
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["clients_ok"] for r in rounds[1:]] == [3, 3], rounds
+
+
+def test_unregistered_node_is_refused(federation: Federation) -> None:
+    data = federation.root / "data" / "alpha.csv"
+    mallory = federation.node("mallory", data, "--max-retries", "1", "--max-wait-time", "20")
+    mallory.ready_port = None  # it must not get as far as listening
+    with mallory:
+        code = mallory.wait(timeout=60)
+        log = mallory.log_tail()
+    assert code != 0, log
+    assert "Failed to activate SuperNode" in log, log
+
+
+def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation) -> None:
+    bad = federation.root / "data" / "broken.csv"
+    bad.write_text("note,diagnosis\nsome text,money\nmore text,tech\n")
+    # `fedlora node` would refuse this file; start the SuperNode directly, as
+    # if the file had been replaced after the node started.
+    port = deploy.free_port()
+    broken = deploy.LocalProcess(
+        deploy.supernode_command(
+            superlink=federation.address,
+            root_certificates=federation.ca,
+            auth_private_key=federation.certs / "nodes" / "broken.key",
+            node_config={"data-path": str(bad), "site-name": "broken"},
+            runtime_port=port,
+        ),
+        federation.root / "broken.log",
+        env=deploy.flower_env(federation.root / "home" / "broken"),
+        ready_port=port,
+        ready_timeout=STARTUP_TIMEOUT,
+    )
+    run_dir = federation.root / "runs" / "faults"
+    victim = federation.nodes["charlie"]
+    with broken:
+        time.sleep(3)  # let the SuperLink list the new node before the run samples
+        killer = _kill_when_round_starts(victim, run_dir)
+        done, run_id = federation.run(run_dir)
+        killer.join(timeout=5)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output + federation.logs()
+    assert deploy.run_status(federation.cli_home, CONNECTION, run_id) == deploy.RUN_COMPLETED
+    assert victim.returncode is not None, "charlie was not killed"
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"][1:]
+    failures = [f for r in rounds for f in r["failures"]]
+    assert any(
+        f.startswith("broken") and "has no column 'text'" in f for f in failures
+    ), failures
+    assert any(f.startswith("charlie") for f in failures), failures
+    assert all(r["clients_ok"] >= 2 for r in rounds), rounds
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def _kill_when_round_starts(victim: deploy.LocalProcess, run_dir: Path):
+    """SIGKILL the victim's whole process tree once round 1 has begun."""
+    import threading
+
+    def watch() -> None:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        # status.json "running" and round 0 (evaluation before training) written:
+        # the first training messages are out.
+        while time.monotonic() < deadline:
+            metrics = run_dir / "metrics.json"
+            if metrics.is_file() and '"round": 0' in metrics.read_text():
+                break
+            time.sleep(0.2)
+        time.sleep(2.0)
+        pid = victim.popen.pid if victim.popen else None
+        if pid is None:
+            return
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
