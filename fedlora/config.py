@@ -260,6 +260,10 @@ class RunConfig:
     seed: int = _field(42, "Root seed: model init, splits, sampling per (seed, round).")
     run_dir: str = _field("runs/latest", "Where metrics, checkpoints, adapters go.")
     round_timeout: float = _field(3600.0, "Seconds to wait for replies in a round.")
+    ensemble: str = _field(
+        "none", "Also evaluate an ensemble: none, last-rounds (global adapters) or sites."
+    )
+    ensemble_size: int = _field(3, "Members of the ensemble (rounds or sites).")
     resume: bool = _field(
         False, "Continue from run-dir's last complete round (checkpoint) instead of anew."
     )
@@ -297,6 +301,13 @@ class RunConfig:
         )
         _require(self.min_train_nodes >= 1, "min-train-nodes", self.min_train_nodes, ">= 1")
         _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+        _require(
+            self.ensemble in ("none", "last-rounds", "sites"),
+            "ensemble",
+            self.ensemble,
+            "none, last-rounds, sites",
+        )
+        _require(self.ensemble_size >= 2, "ensemble-size", self.ensemble_size, ">= 2")
         _require(
             all(r.isdigit() and int(r) >= 1 for r in self.sim_client_ranks),
             "sim-client-ranks",

@@ -67,7 +67,9 @@ _PURPOSE = {
 
 Superlink = Annotated[
     str,
-    typer.Option(help="SuperLink address HOST:PORT; HOST must be in the server cert's --host list."),
+    typer.Option(
+        help="SuperLink address HOST:PORT; HOST must be in the server cert's --host list."
+    ),
 ]
 CaCert = Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate (ca.crt).")]
 FlwrHome = Annotated[
@@ -244,7 +246,9 @@ def register(
 
 @app.command()
 def node(
-    superlink: Annotated[str, typer.Option(help="The server's HOST:PORT, as given by the operator.")],
+    superlink: Annotated[
+        str, typer.Option(help="The server's HOST:PORT, as given by the operator.")
+    ],
     ca: CaCert,
     key: Annotated[
         Path, typer.Option(help="This node's private key (nodes/<name>.key) from the operator.")

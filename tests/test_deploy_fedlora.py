@@ -14,12 +14,15 @@ Time: about 2-3 minutes on 2 CPU cores; every process is stopped on exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +177,9 @@ def federation(
         ready_port=port,
         ready_timeout=STARTUP_TIMEOUT,
     )
-    fed = Federation(root, address, certs_dir / "ca.crt", certs_dir, root / "home" / "cli", superlink)
+    fed = Federation(
+        root, address, certs_dir / "ca.crt", certs_dir, root / "home" / "cli", superlink
+    )
     with ExitStack() as stack:
         stack.enter_context(superlink)
         # mallory's key is never registered.
@@ -189,8 +194,9 @@ def federation(
             fed.nodes[site] = fed.node(site, data / f"{site}.csv", "--labels", LABELS)
         # Runs first on exit: stop everything concurrently.
         stack.callback(deploy.stop_all, [*fed.nodes.values(), superlink])
-        for proc in fed.nodes.values():
-            stack.enter_context(proc)
+        # Start the nodes concurrently: each reads its file first (seconds).
+        with ThreadPoolExecutor() as pool:
+            list(pool.map(deploy.LocalProcess.start, fed.nodes.values()))
         yield fed
 
 
@@ -239,8 +245,8 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
     run_dir = federation.root / "runs" / "faults"
     victim = federation.nodes["charlie"]
     with broken:
-        time.sleep(3)  # let the SuperLink list the new node before the run samples
-        killer = _kill_when_round_starts(victim, run_dir)
+        _wait_for_log(broken, "SuperNode ID:")  # activated: the run will see it
+        killer = _kill_when_training(victim)
         done, run_id = federation.run(run_dir)
         killer.join(timeout=5)
     output = done.stdout + done.stderr
@@ -249,37 +255,42 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
     assert victim.returncode is not None, "charlie was not killed"
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"][1:]
     failures = [f for r in rounds for f in r["failures"]]
-    assert any(
-        f.startswith("broken") and "has no column 'text'" in f for f in failures
-    ), failures
+    assert any(f.startswith("broken") and "has no column 'text'" in f for f in failures), failures
     assert any(f.startswith("charlie") for f in failures), failures
     assert all(r["clients_ok"] >= 2 for r in rounds), rounds
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
-def _kill_when_round_starts(victim: deploy.LocalProcess, run_dir: Path):
-    """SIGKILL the victim's whole process tree once round 1 has begun."""
-    import threading
+def _wait_for_log(proc: deploy.LocalProcess, text: str, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proc.log_tail(100_000):
+        assert time.monotonic() < deadline, f"{text!r} not in log:\n{proc.log_tail()}"
+        time.sleep(0.2)
+
+
+def _kill_when_training(victim: deploy.LocalProcess) -> threading.Thread:
+    """SIGKILL the victim's process tree once it has taken a training message.
+
+    A crash, not a shutdown: SIGTERM would let the SuperNode deactivate
+    itself, while after SIGKILL the SuperLink only notices when heartbeats
+    stop (or the round times out), which is the case to test.
+    """
+    seen = victim.log_tail(1_000_000).count("Receiving: train message")
 
     def watch() -> None:
         deadline = time.monotonic() + RUN_TIMEOUT
-        # status.json "running" and round 0 (evaluation before training) written:
-        # the first training messages are out.
         while time.monotonic() < deadline:
-            metrics = run_dir / "metrics.json"
-            if metrics.is_file() and '"round": 0' in metrics.read_text():
+            if victim.log_tail(1_000_000).count("Receiving: train message") > seen:
                 break
             time.sleep(0.2)
-        time.sleep(2.0)
-        pid = victim.popen.pid if victim.popen else None
-        if pid is None:
+        popen = victim.popen
+        if popen is None or popen.poll() is not None:
             return
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        for proc in procs:
-            try:
+        tree = [psutil.Process(popen.pid), *psutil.Process(popen.pid).children(recursive=True)]
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        popen.wait(timeout=10)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()

@@ -182,3 +182,24 @@ def _batches(dataset: EncodedDataset, batch_size: int) -> Iterator[dict[str, tor
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
     for start in range(0, len(order), batch_size):
         yield collate([dataset[i] for i in order[start : start + batch_size]], dataset.pad_id)
+
+
+@torch.no_grad()
+def predict_proba(
+    model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 64
+) -> torch.Tensor:
+    """Class probabilities for every example, in dataset order."""
+    model.eval()
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
+    out = torch.empty(0)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([dataset[i] for i in idx], dataset.pad_id)
+        probs = torch.softmax(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            dim=-1,
+        )
+        if out.numel() == 0:
+            out = torch.zeros((len(dataset), probs.shape[-1]))
+        out[torch.tensor(idx)] = probs
+    return out

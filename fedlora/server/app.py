@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.client.app import arrays_to_state, state_to_arrays
 from fedlora.client.train import encode, evaluate
-from fedlora.config import METRIC_ACCURACY, METRIC_LOSS, METRIC_NUM_EXAMPLES, RunConfig
+from fedlora.config import ARRAYS_KEY, METRIC_ACCURACY, METRIC_LOSS, METRIC_NUM_EXAMPLES, RunConfig
 from fedlora.data.partition import simulation_split
 from fedlora.io import atomic_write_json
 from fedlora.models import (
@@ -41,6 +41,7 @@ from fedlora.models import (
 )
 from fedlora.privacy.central import central_epsilon, wrap_central
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.server.ensemble import EnsembleEvaluator
 from fedlora.server.history import RoundRecord, RunHistory
 from fedlora.server.loop import (
     RoundOutcome,
@@ -147,11 +148,18 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
         latest = {"arrays": arrays}
 
         clients = ClientLog(run_dir, keep_until=first_round - 1 if cfg.resume else 0)
+        ensemble = EnsembleEvaluator(model, evaluator.test, cfg.ensemble, cfg.ensemble_size)
 
         def on_round(outcome: RoundOutcome) -> None:
             latest["arrays"] = outcome.arrays
             record = _record(outcome)
             record.extra.update(clients.add(outcome))
+            record.extra.update(
+                ensemble(
+                    arrays_to_state(outcome.arrays),
+                    [arrays_to_state(m.content.array_records[ARRAYS_KEY]) for m in outcome.replies],
+                )
+            )
             central_eps = central_epsilon(strategy)
             if central_eps is not None:
                 record.extra["epsilon-user-level"] = central_eps

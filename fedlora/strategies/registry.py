@@ -6,6 +6,14 @@ against each strategy's constructor (``strategy-options="eta=0.01,tau=1e-3"``),
 and sampling settings that leave node selection to fedlora's round loop
 (which samples from ``(seed, round)`` so any round reproduces). Adding a
 strategy is adding one entry (or one module that calls :func:`register`).
+
+fedlora's LoRA-aware strategies (``lora-exact``, ``ffa-lora``,
+``hetero-rank``) each declare how clients must train for them
+(:func:`client_mode`); the ClientApp follows the run's ``strategy`` name, so
+the server and its clients cannot disagree about it. When clients compress
+their updates (run config ``compression``), a Flower strategy is wrapped in
+:class:`~fedlora.strategies.compressed.CompressedUpdates`, which decodes them
+first; the LoRA strategies decode by themselves.
 """
 
 from __future__ import annotations
@@ -29,8 +37,14 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedlora.config import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
+from fedlora.config import ARRAYS_KEY, COMPRESSION_KINDS, CONFIG_KEY, METRIC_NUM_EXAMPLES
 from fedlora.errors import ConfigError
+from fedlora.strategies.compressed import CompressedUpdates
+from fedlora.strategies.exact_strategy import LoraExact
+from fedlora.strategies.ffa_strategy import FfaLora
+from fedlora.strategies.hetero_strategy import HeteroRank
+from fedlora.strategies.lora_strategy import LoraStrategy
+from fedlora.strategies.protocol import MODE_STANDARD
 
 StrategyFactory = Callable[..., Strategy]
 
@@ -61,6 +75,9 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "bulyan": Bulyan,
+    "lora-exact": LoraExact,
+    "ffa-lora": FfaLora,
+    "hetero-rank": HeteroRank,
 }
 
 
@@ -71,11 +88,24 @@ def register(name: str, factory: StrategyFactory) -> None:
     STRATEGIES[name] = factory
 
 
+def client_mode(name: str) -> str:
+    """How clients train for strategy ``name``: ``standard``, ``ffa`` or ``hetero-rank``.
+
+    ``standard`` for every strategy that does not say otherwise (all of
+    Flower's): train A, B and head at the run's lora-rank and send them all.
+    """
+    return str(getattr(_lookup(name), "client_mode", MODE_STANDARD))
+
+
 def strategy_options(name: str) -> list[str]:
     """The options a user may set for strategy ``name`` (flat, dash-separated)."""
-    factory = _lookup(name)
-    params = inspect.signature(factory).parameters
-    return [p.replace("_", "-") for p in params if p not in _LOOP_OWNED]
+    return [p.replace("_", "-") for p in _parameters(name) if p not in _LOOP_OWNED]
+
+
+def _parameters(name: str) -> dict[str, inspect.Parameter]:
+    # **kwargs that a subclass forwards to FedAvg are not options of their own.
+    params = inspect.signature(_lookup(name)).parameters
+    return {n: p for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
 
 def parse_options(text: str) -> dict[str, str]:
@@ -92,10 +122,31 @@ def parse_options(text: str) -> dict[str, str]:
     return out
 
 
-def build_strategy(name: str, options: str = "", fraction_evaluate: float = 0.0) -> Strategy:
-    """Instantiate strategy ``name`` with its options, ready for fedlora's loop."""
+def build_strategy(
+    name: str, options: str = "", fraction_evaluate: float = 0.0, compression: str = "none"
+) -> Strategy:
+    """Instantiate strategy ``name`` with its options, ready for fedlora's loop.
+
+    Parameters
+    ----------
+    name, options
+        The run config's ``strategy`` and ``strategy-options``.
+    fraction_evaluate
+        The run config's ``fraction-evaluate`` (0 turns federated evaluation off).
+    compression
+        The run config's ``compression``. Other than ``none``, a Flower
+        strategy is wrapped so it decodes clients' compressed deltas (fedlora's
+        LoRA strategies always can). Without it, clients asked to compress
+        refuse with an error naming the problem rather than send updates the
+        server would average as raw bytes.
+    """
+    if compression not in COMPRESSION_KINDS:
+        raise ConfigError(
+            f"config key 'compression' has value {compression!r}; "
+            f"allowed: {', '.join(COMPRESSION_KINDS)}"
+        )
     factory = _lookup(name)
-    params = inspect.signature(factory).parameters
+    params = _parameters(name)
     kwargs: dict[str, Any] = {}
     for key, raw in parse_options(options).items():
         attr = key.replace("-", "_")
@@ -105,7 +156,7 @@ def build_strategy(name: str, options: str = "", fraction_evaluate: float = 0.0)
                 f"allowed: {', '.join(strategy_options(name)) or '(none)'}"
             )
         kwargs[attr] = _convert(key, raw, params[attr].default)
-    return factory(
+    strategy = factory(
         fraction_train=1.0,  # the loop has already sampled; take all it offers
         fraction_evaluate=1.0 if fraction_evaluate > 0 else 0.0,
         min_train_nodes=1,
@@ -116,6 +167,9 @@ def build_strategy(name: str, options: str = "", fraction_evaluate: float = 0.0)
         configrecord_key=CONFIG_KEY,
         **kwargs,
     )
+    if compression != "none" and not isinstance(strategy, LoraStrategy):
+        return CompressedUpdates(strategy)
+    return strategy
 
 
 def _lookup(name: str) -> StrategyFactory:

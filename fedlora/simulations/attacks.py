@@ -1,0 +1,93 @@
+"""Poisoned clients, for measuring robust aggregation in simulations only.
+
+Model poisoning by sign flipping and noise (as evaluated for Krum, Blanchard
+et al., 2017, https://arxiv.org/abs/1703.02246, and the coordinate-wise
+median / trimmed mean, Yin et al., 2018, https://arxiv.org/abs/1803.01498)
+and data poisoning by label flipping (Tolpegin et al., 2020,
+https://arxiv.org/abs/2007.08432).
+
+Run config: ``sim-malicious-fraction`` of the partitions attack with
+``sim-attack`` (``sign-flip``, ``scaled-noise``, ``label-flip``) at strength
+``sim-attack-scale``. This exists only for simulations: a node with its own
+``data-path`` (a real site) never attacks, whatever the run config says, so a
+server's run config cannot make a hospital send garbage.
+
+Which partitions attack is fixed by ``(seed, num-partitions)`` — a seeded
+choice of ``round(fraction * n)`` of them — so a run reproduces and exactly
+that many attack. Noise is drawn from ``(seed, round, partition)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedlora.data.sources import TextDataset
+from fedlora.errors import ConfigError
+
+__all__ = ["flip_labels", "malicious_partitions", "poison_update"]
+
+
+def _seed(*parts: object) -> int:
+    # sha256, not hash(): Python salts hash() per process.
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def malicious_partitions(seed: int, num_partitions: int, fraction: float) -> frozenset[int]:
+    """The partition ids that attack: ``round(fraction * n)`` of them, seeded."""
+    if not 0 <= fraction <= 1:
+        raise ConfigError(f"sim-malicious-fraction is {fraction}; allowed: 0 <= x <= 1")
+    count = math.floor(fraction * num_partitions + 0.5)
+    rng = random.Random(_seed("fedlora-sim-malicious", seed, num_partitions))
+    return frozenset(rng.sample(range(num_partitions), count))
+
+
+def poison_update(
+    received: Mapping[str, np.ndarray],
+    trained: Mapping[str, np.ndarray],
+    attack: str,
+    scale: float,
+    seed: int,
+    server_round: int,
+    partition: int,
+) -> dict[str, np.ndarray]:
+    """The poisoned version of ``trained`` (same keys), built from its delta.
+
+    ``sign-flip`` sends ``received - scale * delta``: the update pushed the
+    other way, harder. ``scaled-noise`` sends ``received + noise`` with
+    Gaussian noise of ``scale`` times the honest delta's RMS per tensor: an
+    update of plausible size that carries nothing.
+    """
+    rng = np.random.default_rng(_seed("fedlora-sim-noise", seed, server_round, partition))
+    out: dict[str, np.ndarray] = {}
+    for key, value in trained.items():
+        base = np.asarray(received[key], np.float32)
+        delta = np.asarray(value, np.float32) - base
+        if attack == "sign-flip":
+            out[key] = base - scale * delta
+        elif attack == "scaled-noise":
+            rms = float(np.sqrt(np.mean(delta.astype(np.float64) ** 2))) if delta.size else 0.0
+            noise = rng.standard_normal(delta.shape) * (scale * rms)
+            out[key] = base + noise.astype(np.float32)
+        else:
+            raise ConfigError(
+                f"sim-attack {attack!r} does not change updates; "
+                "model poisoning is sign-flip or scaled-noise"
+            )
+    return out
+
+
+def flip_labels(data: TextDataset) -> TextDataset:
+    """Every label moved to the next class (``y -> (y + 1) mod K``): all wrong."""
+    k = len(data.labels)
+    return TextDataset(
+        texts=data.texts,
+        label_ids=tuple((y + 1) % k for y in data.label_ids),
+        labels=data.labels,
+        source=f"{data.source} (labels flipped)",
+        groups=data.groups,
+    )
