@@ -505,18 +505,19 @@ def run_outcome(flwr_status: str, run_dir: Path | None) -> tuple[int, str]:
     from fedlora.server.app import status_of
 
     local = status_of(run_dir) if run_dir is not None else None
+    link = f"SuperLink: {flwr_status}"
     where = f" (status.json in {run_dir})" if run_dir is not None else ""
     if flwr_status != deploy.RUN_COMPLETED:
-        reason = f": {local.get('reason')}" if local and local.get("reason") else ""
-        return EXIT_FAILED, f"{flwr_status}{reason}{where}"
+        reason = f"; fedlora: {local.get('reason')}" if local and local.get("reason") else ""
+        return EXIT_FAILED, f"{link}{reason}{where}"
     if local is None:
-        return EXIT_OK, f"{flwr_status} (run-dir not on this machine; status.json not read)"
+        return EXIT_OK, f"{link}; run-dir not on this machine, status.json not read"
     state = local.get("status")
     if state == "completed":
-        return EXIT_OK, f"completed; results in {run_dir}"
+        return EXIT_OK, f"{link}; fedlora: completed; results in {run_dir}"
     if state == "stopped":
-        return EXIT_STOPPED, f"stopped early: {local.get('reason', '')}{where}"
-    return EXIT_FAILED, f"SuperLink says {flwr_status} but fedlora says {state!r}{where}"
+        return EXIT_STOPPED, f"{link}; fedlora: stopped early: {local.get('reason', '')}{where}"
+    return EXIT_FAILED, f"{link} but fedlora: {state!r}{where}"
 
 
 def _app_defaults(app_dir: Path) -> dict[str, Any]:

@@ -44,6 +44,7 @@ SITES = ["alpha", "bravo", "charlie"]
 STARTUP_TIMEOUT = 60.0
 RUN_TIMEOUT = 240.0
 ROUND_TIMEOUT = 60
+COMPLETED = f"SuperLink: {deploy.RUN_COMPLETED}; fedlora: completed"
 
 
 @dataclass
@@ -204,8 +205,8 @@ def test_run_completes_with_three_sites(federation: Federation) -> None:
     run_dir = federation.root / "runs" / "complete"
     done, run_id = federation.run(run_dir)
     assert done.returncode == 0, done.stdout + done.stderr + federation.logs()
-    status = deploy.run_status(federation.cli_home, CONNECTION, run_id)
-    assert status == deploy.RUN_COMPLETED
+    # `fedlora run` read `flwr ls` (finished:completed) and status.json.
+    assert f"run {run_id}: {COMPLETED}" in done.stdout, done.stdout + done.stderr
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
@@ -251,7 +252,7 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
         killer.join(timeout=5)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output + federation.logs()
-    assert deploy.run_status(federation.cli_home, CONNECTION, run_id) == deploy.RUN_COMPLETED
+    assert f"run {run_id}: {COMPLETED}" in done.stdout, output
     assert victim.returncode is not None, "charlie was not killed"
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"][1:]
     failures = [f for r in rounds for f in r["failures"]]

@@ -105,3 +105,21 @@ def test_resume_refuses_a_changed_config(
     assert status["status"] == "failed"
     assert "different run config" in status["reason"]
     assert ConfigError
+
+
+def test_dp_strategy_with_accountant_round_trips_through_a_checkpoint() -> None:
+    import pickle
+
+    from flwr.serverapp import GaussianPrivacyEvent
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedlora.privacy.central import central_epsilon, wrap_central
+    from fedlora.server.checkpoint import dump_strategy
+
+    strategy = wrap_central(FedAvg(), "central-server-fixed", 1.0, 0.5, 3, 10, 1e-5)
+    for _ in range(2):
+        strategy.accountant.compose(GaussianPrivacyEvent(1.0, 3, 10))  # type: ignore[attr-defined]
+    before = central_epsilon(strategy)
+    restored = pickle.loads(dump_strategy(strategy))
+    assert before is not None and before > 0
+    assert central_epsilon(restored) == pytest.approx(before)

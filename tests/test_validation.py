@@ -162,3 +162,23 @@ def test_declared_metadata_cannot_disguise_the_real_tensor() -> None:
     assert rejected == [
         f"node 31: update rejected: tensor {A!r} has dtype float64, expected float32"
     ]
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_decoder_turns_encoded_payloads_into_the_state_to_check() -> None:
+    # Stand-in for SentArrays.state_of: the payload is a delta added to a base.
+    base = _good()
+
+    def decode(msg: Message) -> dict[str, np.ndarray]:
+        record = msg.content.array_records[ARRAYS_KEY]
+        if "bad" in record:
+            raise ValueError("payload does not decode")
+        return {k: base[k] + record[k].numpy() for k in base}
+
+    small = _reply(41, _record({A: np.full((2, 4), 0.1, np.float32), B: base[B]}))
+    huge = _reply(42, _record({A: np.full((2, 4), 1e3, np.float32), B: base[B]}))
+    junk = _reply(43, _record({"bad": np.zeros(1, np.float32)}))
+    kept, rejected = make_update_validator(EXPECTED, 10.0, decode=decode)(1, [small, huge, junk])
+    assert [m.metadata.src_node_id for m in kept] == [41]
+    assert rejected[0].startswith("node 42: update rejected: L2 norm of the update is 2830")
+    assert rejected[1] == "node 43: update rejected: payload does not decode"

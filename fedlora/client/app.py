@@ -6,13 +6,19 @@ its data in its own node config (``data-path``, ``text-column``,
 simulation the node config instead carries ``partition-id`` and
 ``num-partitions`` and the node reads its slice of the demo corpus.
 
-Only the adapter's trainable tensors are sent back. A failure that a person
-can fix (bad file, unknown label, mismatched model) comes back to the server
-as an error reply naming the problem; the server carries on without it.
+Only the adapter's trainable tensors are sent back (under ``ffa-lora`` that
+is B and the head: A stays frozen), as they are or, with ``compression``, as
+an encoded delta (:mod:`fedlora.client.upload`). How the node trains follows
+the run's strategy (:mod:`fedlora.client.modes`): its LoRA mode, its rank
+(``hetero-rank``), and in simulations whether its partition attacks. A
+failure that a person can fix (bad file, unknown label, mismatched model)
+comes back to the server as an error reply naming the problem; the server
+carries on without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import lru_cache
 from typing import Any
@@ -29,8 +35,10 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedlora.client.modes import NodeMode, node_mode
 from fedlora.client.private import open_ledger, precheck, private_train
 from fedlora.client.train import EncodedDataset, encode, evaluate, local_train, round_generator
+from fedlora.client.upload import build_upload
 from fedlora.config import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -47,9 +55,17 @@ from fedlora.data.labels import LabelSpace
 from fedlora.data.partition import client_partition, simulation_split
 from fedlora.data.sources import TextDataset, load_table
 from fedlora.errors import ConfigError, FedloraError, PrivacyBudgetExceeded, PrivacyError
-from fedlora.models import AdapterState, cached_model, load_adapter_state, load_tokenizer
-from fedlora.models import adapter_state as get_adapter_state
+from fedlora.models import (
+    AdapterState,
+    cached_model,
+    load_adapter_state,
+    load_tokenizer,
+    set_lora_a_trainable,
+    trainable_state,
+)
 from fedlora.privacy.central import client_clipping_mod
+from fedlora.simulations.attacks import flip_labels, poison_update
+from fedlora.strategies.protocol import KEY_LORA_RANK, QUERY_LORA_RANK, RANK_RECORD
 
 log = logging.getLogger("fedlora.client")
 
@@ -131,15 +147,31 @@ def _encoded(
 
 
 def prepare(
-    msg: Message, context: Context, overrides: dict[str, Any] | None = None
+    msg: Message,
+    context: Context,
+    overrides: dict[str, Any] | None = None,
+    node: NodeMode | None = None,
+    poison_data: bool = False,
 ) -> tuple[RunConfig, Any, EncodedDataset, int]:
-    """Validate config, load data and model, and install the global adapter."""
+    """Validate config, load data and model, and install the global adapter.
+
+    ``node`` sets the model's rank and which LoRA factors train (default: the
+    node's mode for this run); ``poison_data`` applies a simulated
+    label-flip attack when this partition mounts one.
+    """
     cfg = run_config_of(context, overrides)
+    node = node or node_mode(cfg, context)
     data, site = local_dataset(cfg, context)
     if cfg.train.max_train_examples and len(data) > cfg.train.max_train_examples:
         data = data.subset(range(cfg.train.max_train_examples))
-    encoded = _encoded(cfg.data, cfg.model_path, cfg.train.max_seq_length, (site,), data)
-    model = cached_model(cfg.model_path or None, len(data.labels), cfg.lora, cfg.seed)
+    flipped = poison_data and node.attack == "label-flip"
+    if flipped:
+        data = flip_labels(data)
+    encoded = _encoded(cfg.data, cfg.model_path, cfg.train.max_seq_length, (site, flipped), data)
+    lora = dataclasses.replace(cfg.lora, rank=node.rank)
+    model = cached_model(cfg.model_path or None, len(data.labels), lora, cfg.seed)
+    # Every use sets it: the cached model may have served another mode before.
+    set_lora_a_trainable(model, node.trains_a)
     state = arrays_to_state(msg.content.array_records[ARRAYS_KEY])
     load_adapter_state(model, state)
     return cfg, model, encoded, site
@@ -184,7 +216,7 @@ def build_client_app(
 
     @client_app.query()
     def _query(msg: Message, context: Context) -> Message:
-        return query_handler(msg, context)
+        return query_handler(msg, context, extra)
 
     return client_app
 
@@ -199,10 +231,19 @@ def site_key(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
-def query_handler(msg: Message, context: Context) -> Message:
-    """Answer the server's site-key query (no data is read)."""
-    record = ConfigRecord({SITE_KEY: site_key(context)})
-    return Message(content=RecordDict({SITE_KEY: record}), reply_to=msg)
+def query_handler(
+    msg: Message, context: Context, overrides: dict[str, Any] | None = None
+) -> Message:
+    """Answer the server's site-key query, and its rank query (no data is read)."""
+    content = RecordDict({SITE_KEY: ConfigRecord({SITE_KEY: site_key(context)})})
+    asked = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    if QUERY_LORA_RANK in asked:
+        try:
+            node = node_mode(run_config_of(context, overrides), context)
+        except FedloraError as exc:
+            return error_reply(msg, exc)
+        content[RANK_RECORD] = ConfigRecord({KEY_LORA_RANK: node.rank})
+    return Message(content=content, reply_to=msg)
 
 
 def train(msg: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
@@ -215,7 +256,9 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
             # The node's own budget is checked before its data is read.
             ledger, limits = open_ledger(cfg, context)
             precheck(ledger, limits)
-        cfg, model, encoded, site = prepare(msg, context, overrides)
+        node = node_mode(cfg, context)
+        cfg, model, encoded, site = prepare(msg, context, overrides, node, poison_data=True)
+        received = arrays_to_state(msg.content.array_records[ARRAYS_KEY])
         generator = round_generator(cfg.seed, server_round, site)
         if cfg.privacy.dp_mode == "local":
             result, model, privacy = private_train(
@@ -223,7 +266,13 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
             )
         else:
             result = local_train(model, encoded, cfg.train, generator)
-        record = state_to_arrays(get_adapter_state(model))
+        trained = trainable_state(model)
+        if node.attack in ("sign-flip", "scaled-noise"):
+            trained = poison_update(
+                received, trained, node.attack, cfg.sim_attack_scale, cfg.seed, server_round, site
+            )
+        server_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        record = build_upload(trained, received, cfg.train, server_config, context.state)
     except FedloraError as exc:
         log.error("train failed: %s", exc)
         return error_reply(msg, exc)

@@ -72,7 +72,7 @@ def _rank(cfg: RunConfig, context: Context, mode: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(
                 f"node config lora-rank={value!r} is not an integer >= 1; start the node "
-                "with --node-config \"lora-rank=8\""
+                'with --node-config "lora-rank=8"'
             )
         return value
     ranks = cfg.client_ranks
@@ -86,4 +86,8 @@ def _attack(cfg: RunConfig, context: Context) -> str | None:
     if cfg.sim_malicious_fraction <= 0 or NODE_DATA_PATH in node or "partition-id" not in node:
         return None
     pid, n = int(node["partition-id"]), int(node["num-partitions"])  # type: ignore[arg-type]
-    return cfg.sim_attack if pid in malicious_partitions(cfg.seed, n, cfg.sim_malicious_fraction) else None
+    return (
+        cfg.sim_attack
+        if pid in malicious_partitions(cfg.seed, n, cfg.sim_malicious_fraction)
+        else None
+    )

@@ -99,9 +99,7 @@ def _saved_residual(node_state: RecordDict, delta: AdapterState) -> AdapterState
     if FEEDBACK_STATE_KEY not in node_state.array_records:
         return {}
     saved = {k: a.numpy() for k, a in node_state.array_records[FEEDBACK_STATE_KEY].items()}
-    same = saved.keys() == delta.keys() and all(
-        saved[k].shape == delta[k].shape for k in delta
-    )
+    same = saved.keys() == delta.keys() and all(saved[k].shape == delta[k].shape for k in delta)
     if not same:
         # The adapter changed shape (another lora-rank, another strategy): the
         # old residual belongs to another model and is dropped.

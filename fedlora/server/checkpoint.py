@@ -40,6 +40,42 @@ STATE_FILE = "state.json"
 _RESUME_FREE_KEYS = {"resume", "run-dir", "round-timeout"}
 
 
+class _StrategyPickler(pickle.Pickler):
+    """Pickles strategies; Flower's RDP accountant goes by its own state_dict
+    (it holds references to the dp-accounting modules, which pickle refuses)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        from flwr.serverapp import RdpAccountant
+
+        if isinstance(obj, RdpAccountant):
+            return _restore_accountant, (obj.state_dict(),)
+        return NotImplemented
+
+
+def _restore_accountant(state: dict[str, Any]) -> Any:
+    from flwr.serverapp import PrivacyConfig, RdpAccountant
+    from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+
+    c = state["config"]
+    config = PrivacyConfig(
+        target_delta=c["target_delta"],
+        population_size=c["population_size"],
+        neighboring_relation=NeighboringRelation(c["neighboring_relation"]),
+        sampling_method=SamplingMethod(c["sampling_method"]),
+        max_epsilon=c.get("max_epsilon"),
+    )
+    accountant = RdpAccountant(config, orders=tuple(state["orders"]))
+    accountant.load_state_dict(state)
+    return accountant
+
+
+def dump_strategy(strategy: Any) -> bytes:
+    """Serialise a strategy with everything it carries between rounds."""
+    buffer = io.BytesIO()
+    _StrategyPickler(buffer).dump(strategy)
+    return buffer.getvalue()
+
+
 def config_hash(cfg: RunConfig) -> str:
     """Hash of everything that decides the run's numbers."""
     flat = {k: v for k, v in cfg.to_flat().items() if k not in _RESUME_FREE_KEYS}
@@ -64,7 +100,7 @@ def save_checkpoint(
     buffer = io.BytesIO()
     np.savez(buffer, **state)  # type: ignore[arg-type]
     atomic_write_bytes(folder / "adapter.npz", buffer.getvalue())
-    atomic_write_bytes(folder / "strategy.pkl", pickle.dumps(strategy))
+    atomic_write_bytes(folder / "strategy.pkl", dump_strategy(strategy))
     atomic_write_json(
         root / STATE_FILE,
         {"round": server_round, "folder": folder.name, "config_hash": config_hash(cfg)},

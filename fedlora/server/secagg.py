@@ -408,17 +408,22 @@ class _RecordingGrid:
     ) -> Iterable[Message]:
         sent = list(messages)
         replies = list(self._grid.send_and_receive(sent, timeout=timeout))
-        answered = {r.metadata.src_node_id for r in replies}
-        for msg in sent:
-            stage = _stage(msg)
-            node = msg.metadata.dst_node_id
-            if node not in answered:
-                self.errors.setdefault(node, f"{stage}: no reply before timeout")
+        # Match replies to requests by message id, not by sender: the SuperLink
+        # answers for an unreachable node itself, with its own id (1) as sender.
+        by_id = {m.metadata.message_id: m for m in sent}
+        answered: set[int] = set()
         for reply in replies:
+            request = by_id.get(reply.metadata.reply_to_message_id)
+            node = request.metadata.dst_node_id if request else reply.metadata.src_node_id
+            answered.add(node)
             if reply.has_error():
-                node = reply.metadata.src_node_id
-                stage = next((_stage(m) for m in sent if m.metadata.dst_node_id == node), "?")
+                stage = _stage(request) if request else "?"
                 self.errors.setdefault(node, f"{stage}: {reply.error.reason}")
+        for msg in sent:
+            if msg.metadata.dst_node_id not in answered:
+                self.errors.setdefault(
+                    msg.metadata.dst_node_id, f"{_stage(msg)}: no reply before timeout"
+                )
         return replies
 
     def failure_lines(self) -> list[str]:

@@ -35,7 +35,7 @@ run; SecAgg+'s clipping range is then the only per-client bound (see
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -130,23 +130,49 @@ def decode_reply(msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None
     return state, None
 
 
-def make_update_validator(expected: Expected, max_norm: float) -> ReplyFilter:
+def make_update_validator(
+    expected: Expected,
+    max_norm: float,
+    decode: Callable[[Message], Mapping[str, np.ndarray]] | None = None,
+) -> ReplyFilter:
     """A reply filter for :func:`fedlora.server.loop.run_rounds`.
 
-    Returns a function ``(server_round, replies) -> (kept, rejections)``: the
-    replies that pass :func:`check_update`, in their original order, and one
-    line per rejected reply, ``"node <id>: update rejected: <reason>"``.
+    Parameters
+    ----------
+    expected, max_norm
+        As for :func:`check_update`.
+    decode : callable, optional
+        Turns a reply into the adapter state to check, for payloads that are
+        not plain tensors (e.g. ``SentArrays.state_of`` from
+        :mod:`fedlora.strategies.compressed` for encoded deltas); a
+        ``ValueError`` it raises (``UpdateRejected`` is one) rejects the reply
+        with its message. Default: :func:`decode_reply`.
+
+    Returns
+    -------
+    ReplyFilter
+        ``(server_round, replies) -> (kept, rejections)``: the replies that
+        pass, in their original order, and one line per rejected reply,
+        ``"node <id>: update rejected: <reason>"``.
     """
     _check_max_norm(max_norm)
     frozen = {name: (tuple(int(d) for d in s), np.dtype(t)) for name, (s, t) in expected.items()}
     if not frozen:
         raise ValueError("expected is empty; give the adapter's tensor names, shapes and dtypes")
 
+    def state_of(msg: Message) -> tuple[Mapping[str, np.ndarray] | None, str | None]:
+        if decode is None:
+            return decode_reply(msg)
+        try:
+            return decode(msg), None
+        except (ValueError, TypeError) as err:
+            return None, str(err)
+
     def validate(server_round: int, replies: list[Message]) -> tuple[list[Message], list[str]]:
         kept: list[Message] = []
         rejected: list[str] = []
         for msg in replies:
-            state, reason = decode_reply(msg)
+            state, reason = state_of(msg)
             if state is not None:
                 reason = check_update(state, frozen, max_norm)
             if reason is None:
