@@ -23,6 +23,11 @@ app = typer.Typer(
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
+# Deployment commands (certs, server, register, node, run) live in ops_cli.
+from fedlora.ops_cli import app as ops_app  # noqa: E402
+
+app.add_typer(ops_app)
+
 
 @app.callback()
 def _root() -> None:

@@ -260,6 +260,16 @@ class RunConfig:
     seed: int = _field(42, "Root seed: model init, splits, sampling per (seed, round).")
     run_dir: str = _field("runs/latest", "Where metrics, checkpoints, adapters go.")
     round_timeout: float = _field(3600.0, "Seconds to wait for replies in a round.")
+    update_max_norm: float = _field(
+        0.0, "Reject updates whose L2 norm exceeds this (0 = 10x the initial adapter's norm)."
+    )
+    secagg: bool = _field(False, "Secure aggregation (Flower SecAgg+): the server sees only sums.")
+    secagg_clipping_range: float = _field(
+        1.0, "SecAgg+: each weighted update entry is clipped to +-this before quantisation."
+    )
+    secagg_max_weight: float = _field(
+        0.0, "SecAgg+: largest example count a node may report (0 = max-train-examples)."
+    )
     ensemble: str = _field(
         "none", "Also evaluate an ensemble: none, last-rounds (global adapters) or sites."
     )
@@ -308,6 +318,27 @@ class RunConfig:
             "none, last-rounds, sites",
         )
         _require(self.ensemble_size >= 2, "ensemble-size", self.ensemble_size, ">= 2")
+        _require(self.update_max_norm >= 0, "update-max-norm", self.update_max_norm, ">= 0")
+        if self.secagg:
+            problems = []
+            if self.strategy != "fedavg":
+                problems.append(f"strategy={self.strategy} (SecAgg+ computes a sum: use fedavg)")
+            if self.privacy.dp_mode.startswith("central-server") or self.privacy.dp_mode in (
+                "central-client-adaptive",
+            ):
+                problems.append(
+                    f"dp-mode={self.privacy.dp_mode} (the server cannot clip what it cannot see;"
+                    " use local or central-client-fixed)"
+                )
+            if self.min_train_nodes < 3:
+                problems.append(f"min-train-nodes={self.min_train_nodes} (SecAgg+ needs >= 3)")
+            if self.secagg_max_weight <= 0 and self.train.max_train_examples <= 0:
+                problems.append(
+                    "secagg-max-weight=0 and max-train-examples=0 (set the largest example "
+                    "count a node may report)"
+                )
+            if problems:
+                raise ConfigError("secagg=true does not fit: " + "; ".join(problems))
         _require(
             all(r.isdigit() and int(r) >= 1 for r in self.sim_client_ranks),
             "sim-client-ranks",

@@ -5,8 +5,9 @@ The operator creates credentials (``certs``), starts the SuperLink
 runs (``run``); each hospital starts its node (``node``). The commands wrap
 :mod:`fedlora.certs` and :mod:`fedlora.deploy`; what they add is the checks a
 person needs *before* a process starts (a missing key, an unreadable data
-file, a wrong column) with the file and the fix named, and a ``run`` whose
-exit code says how the run ended (``flwr run`` exits 0 when a run failed).
+file, a wrong column; :mod:`fedlora.preflight`) with the file and the fix
+named, and a ``run`` whose exit code says how the run ended (``flwr run``
+exits 0 when a run failed).
 
 ``server`` and ``node`` replace themselves with the Flower process
 (``exec``), so a service manager's stop signal reaches it directly;
@@ -20,18 +21,16 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
 from fedlora import certs as certs_lib
-from fedlora import deploy
+from fedlora import deploy, preflight
 from fedlora.errors import FedloraError
 
 app = typer.Typer(
@@ -49,21 +48,6 @@ DEFAULT_CLI_HOME = Path("~/.fedlora/cli")
 DEFAULT_SERVER_STATE = Path("~/.fedlora/server")
 DATABASE_FILE = "superlink.db"
 FLWR_HOME_DIR = "flwr-home"
-
-_PLAN_TITLES = {
-    "operator": "operator (this machine; ca.key never leaves it, keep it offline)",
-    "superlink": "server (`fedlora server --certs DIR`)",
-    "flwr-cli": "whoever runs `fedlora register` / `fedlora run`",
-}
-_PURPOSE = {
-    "ca-key": "signs server certificates; needed only to re-issue server.pem",
-    "ca-cert": "public; every party trusts the server through it",
-    "ssl-certfile": "server certificate (public)",
-    "ssl-keyfile": "server TLS private key",
-    "ssl-ca-certfile": "CA certificate",
-    "root-certificates": "CA certificate (verifies the server)",
-    "auth-supernode-private-key": "this node's login key; nobody else gets it",
-}
 
 Superlink = Annotated[
     str,
@@ -117,7 +101,7 @@ def certs(
         plan = certs_lib.generate_all(out, host, node, overwrite=overwrite)
     except FedloraError as exc:
         _fail(str(exc))
-    typer.echo(describe_plan(plan))
+    typer.echo(preflight.describe_plan(plan))
     ca = plan["operator"]["ca-cert"]
     keys = " ".join(str(plan["operator"][f"public-key:{n}"]) for n in node)
     typer.echo(
@@ -125,25 +109,6 @@ def certs(
         f"  fedlora register --superlink {host[0]}:{deploy.DEFAULT_SUPERLINK_PORT} "
         f"--ca {ca} {keys}"
     )
-
-
-def describe_plan(plan: dict[str, dict[str, Path]]) -> str:
-    """Which file goes to whom, with permissions, as printed by ``fedlora certs``."""
-    lines = []
-    for recipient, files in plan.items():
-        if recipient.startswith("supernode:"):
-            title = f"node {recipient.split(':', 1)[1]} (copy to that site only)"
-        else:
-            title = _PLAN_TITLES.get(recipient, recipient)
-        lines.append(f"{title}:")
-        for purpose, path in files.items():
-            mode = stat.S_IMODE(path.stat().st_mode)
-            if purpose.startswith("public-key:"):
-                why = f"register with `fedlora register` ({purpose.split(':', 1)[1]}'s public key)"
-            else:
-                why = _PURPOSE.get(purpose, purpose)
-            lines.append(f"  {path}  [{mode:04o}]  {why}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ server
@@ -286,7 +251,7 @@ def node(
 ) -> None:
     """Start this site's node; refuses to start while a file or setting is wrong."""
     try:
-        node_config = check_node_inputs(
+        node_config, notes = preflight.check_node_inputs(
             ca=ca,
             key=key,
             data_path=data_path,
@@ -296,6 +261,8 @@ def node(
             site_name=site_name or key.stem,
             privacy=(privacy_epsilon_cap, privacy_delta, privacy_ledger_dir),
         )
+        for note in notes:
+            typer.echo(note, err=True)
         command = deploy.supernode_command(
             superlink=superlink,
             root_certificates=ca,
@@ -317,111 +284,6 @@ def node(
             err=True,
         )
     _exec(command, deploy.flower_env(state / FLWR_HOME_DIR), state, print_command)
-
-
-def check_node_inputs(
-    *,
-    ca: Path,
-    key: Path,
-    data_path: Path,
-    text_column: str,
-    label_column: str,
-    labels: str,
-    site_name: str,
-    privacy: tuple[float | None, float | None, Path | None],
-) -> dict[str, deploy.ConfigValue]:
-    """Check a node's files and settings; return its ``--node-config``.
-
-    Raises :class:`fedlora.errors.FedloraError` naming the file or option and
-    the fix, so the node refuses to start instead of failing every round.
-    """
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-
-    from fedlora.data.labels import LabelSpace
-    from fedlora.data.sources import load_table
-    from fedlora.errors import ConfigError, DataError
-
-    deploy.require_file(ca, "CA certificate")
-    key_file = deploy.require_file(key, "SuperNode authentication private key")
-    try:
-        load_ssh_private_key(key_file.read_bytes(), password=None)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(
-            f"{key_file} is not an unencrypted OpenSSH private key ({err}); pass the node's "
-            f"nodes/<name>{certs_lib.NODE_PRIVATE_SUFFIX} from `{certs_lib.CERTS_COMMAND}`, "
-            f"not the {certs_lib.NODE_PUBLIC_SUFFIX} file"
-        ) from None
-    if stat.S_IMODE(key_file.stat().st_mode) & 0o077:
-        typer.secho(
-            f"warning: {key_file} is readable by other users; run `chmod 600 {key_file}`",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
-    data = data_path.expanduser().resolve()
-    if not data.is_file():
-        raise DataError(
-            f"data file {data} does not exist or is not a file; pass --data-path with this "
-            "site's CSV, JSONL or Parquet file"
-        )
-    try:
-        with data.open("rb"):
-            pass
-    except OSError as err:
-        raise DataError(
-            f"data file {data} cannot be read ({err.strerror}); give the user running the "
-            "node read access to it"
-        ) from None
-    if labels:
-        # Reading the whole file now costs seconds; a wrong column or label found
-        # here is one clear message instead of an error reply in every round.
-        space = LabelSpace.of(s.strip() for s in labels.split(",") if s.strip())
-        table = load_table(data, text_column, label_column, space)
-        typer.echo(f"{data}: {len(table)} rows, columns and labels check out", err=True)
-    else:
-        typer.echo(
-            f"note: {data} was not read; pass --labels 'a,b,c' (the federation's list) to "
-            "check its columns and labels before the first round",
-            err=True,
-        )
-    if not site_name or any(c.isspace() for c in site_name):
-        raise ConfigError(f"--site-name {site_name!r}: give a name without spaces")
-    node_config: dict[str, deploy.ConfigValue] = {
-        "data-path": str(data),
-        "text-column": text_column,
-        "label-column": label_column,
-        "site-name": site_name,
-    }
-    cap, delta, ledger = privacy
-    given = [v is not None for v in privacy]
-    if any(given) and not all(given):
-        raise ConfigError(
-            "give all three of --privacy-epsilon-cap, --privacy-delta and "
-            "--privacy-ledger-dir, or none (then the node refuses runs with local DP)"
-        )
-    if cap is not None and delta is not None and ledger is not None:
-        if not cap > 0 or not 0 < delta < 1:
-            raise ConfigError(
-                f"--privacy-epsilon-cap {cap} / --privacy-delta {delta}: need cap > 0 and "
-                "0 < delta < 1"
-            )
-        ledger_dir = ledger.expanduser().resolve()
-        try:
-            ledger_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"--privacy-ledger-dir {ledger_dir}: {err.strerror}") from None
-        if not os.access(ledger_dir, os.W_OK):
-            raise ConfigError(
-                f"--privacy-ledger-dir {ledger_dir} is not writable by this user; the node "
-                "must record every round's privacy spend there"
-            )
-        node_config.update(
-            {
-                "privacy-epsilon-cap": float(cap),
-                "privacy-delta": float(delta),
-                "privacy-ledger-dir": str(ledger_dir),
-            }
-        )
-    return node_config
 
 
 # --------------------------------------------------------------------- run
@@ -465,7 +327,7 @@ def run(
     app_path = (app_dir or default_app_dir()).expanduser().resolve()
     try:
         overrides = parse_overrides(config or [])
-        flat = {**_app_defaults(app_path), **overrides}
+        flat = {**preflight.app_defaults(app_path), **overrides}
         cfg = RunConfig.from_flat(flat)  # a typo fails here, not on the server
         deploy.write_flwr_connection_config(flwr_home, connection, superlink, ca)
     except FedloraError as exc:
@@ -490,57 +352,13 @@ def run(
             f"`FLWR_HOME={flwr_home} flwr stop {run_id} {connection}`",
             130,
         )
-    code, message = run_outcome(status, _local_run_dir(cfg.run_dir, server_state_dir))
+    outcome, message = preflight.run_outcome(
+        status, preflight.local_run_dir(cfg.run_dir, server_state_dir)
+    )
+    code = {"completed": EXIT_OK, "stopped": EXIT_STOPPED}.get(outcome, EXIT_FAILED)
     colour = typer.colors.GREEN if code == EXIT_OK else typer.colors.RED
     typer.secho(f"run {run_id}: {message}", fg=colour, err=code != EXIT_OK)
     raise typer.Exit(code)
-
-
-def run_outcome(flwr_status: str, run_dir: Path | None) -> tuple[int, str]:
-    """Exit code and sentence from the SuperLink's status and fedlora's status.json.
-
-    Flower reports ``finished:completed`` whenever the ServerApp returned, also
-    when fedlora stopped early (too few nodes); status.json says which.
-    """
-    from fedlora.server.app import status_of
-
-    local = status_of(run_dir) if run_dir is not None else None
-    link = f"SuperLink: {flwr_status}"
-    where = f" (status.json in {run_dir})" if run_dir is not None else ""
-    if flwr_status != deploy.RUN_COMPLETED:
-        reason = f"; fedlora: {local.get('reason')}" if local and local.get("reason") else ""
-        return EXIT_FAILED, f"{link}{reason}{where}"
-    if local is None:
-        return EXIT_OK, f"{link}; run-dir not on this machine, status.json not read"
-    state = local.get("status")
-    if state == "completed":
-        return EXIT_OK, f"{link}; fedlora: completed; results in {run_dir}"
-    if state == "stopped":
-        return EXIT_STOPPED, f"{link}; fedlora: stopped early: {local.get('reason', '')}{where}"
-    return EXIT_FAILED, f"{link} but fedlora: {state!r}{where}"
-
-
-def _app_defaults(app_dir: Path) -> dict[str, Any]:
-    pyproject = app_dir / "pyproject.toml"
-    if not pyproject.is_file():
-        raise FedloraError(
-            f"{app_dir} is not a Flower App folder (no pyproject.toml); pass --app with "
-            "the fedlora repository root"
-        )
-    with pyproject.open("rb") as handle:
-        flwr = tomllib.load(handle).get("tool", {}).get("flwr", {})
-    if "components" not in flwr.get("app", {}):
-        raise FedloraError(f"{pyproject} has no [tool.flwr.app.components]; pass --app")
-    return dict(flwr["app"].get("config", {}))
-
-
-def _local_run_dir(run_dir: str, server_state_dir: Path | None) -> Path | None:
-    path = Path(run_dir).expanduser()
-    if not path.is_absolute():
-        if server_state_dir is None:
-            return None
-        path = server_state_dir.expanduser() / path
-    return path.resolve() if path.is_dir() else None
 
 
 def _stream_logs(flwr_home: Path, connection: str, run_id: int, deadline: float | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +21,7 @@ from flwr.app import (
 
 from fedlora.client.app import query_handler
 from fedlora.config import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
+from fedlora.server.checkpoint import dump_strategy
 from fedlora.strategies.protocol import METRIC_REJECTED, METRIC_TRUNCATION
 from fedlora.strategies.registry import build_strategy, client_mode
 
@@ -208,7 +210,10 @@ def test_hetero_rank_round_trip_by_hand() -> None:
     np.testing.assert_allclose(g[HEAD], [1.0, 2.0])
     assert metrics[METRIC_TRUNCATION] < 1e-6
 
-    # Next round: each node gets D at its own rank, from the exact D.
+    # Next round: each node gets D at its own rank, from the exact D, also after
+    # the strategy went through a checkpoint (pickle) and the arrays were reloaded.
+    strategy = pickle.loads(dump_strategy(strategy))
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()})
     again = configure(strategy, arrays, grid, rnd=2)
     assert grid.queries == 2  # ranks are asked once
     by_node = {m.metadata.dst_node_id: sent_state(m) for m in again}

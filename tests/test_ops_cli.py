@@ -17,7 +17,8 @@ from flwr.common.config import parse_config_args
 from typer.testing import CliRunner
 
 from fedlora import deploy
-from fedlora.ops_cli import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, app, run_outcome
+from fedlora.ops_cli import app
+from fedlora.preflight import run_outcome
 from fedlora.server.app import write_status
 
 runner = CliRunner()
@@ -159,22 +160,22 @@ def test_run_refuses_an_unknown_config_key_before_submitting(creds: Path, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("flwr_status", "local", "code", "text"),
+    ("flwr_status", "local", "outcome", "text"),
     [
-        (deploy.RUN_COMPLETED, "completed", EXIT_OK, "fedlora: completed"),
-        (deploy.RUN_COMPLETED, "stopped", EXIT_STOPPED, "stopped early: too few nodes"),
-        (deploy.RUN_COMPLETED, "running", EXIT_FAILED, "fedlora: 'running'"),
-        (deploy.RUN_FAILED, "failed", EXIT_FAILED, "fedlora: too few nodes"),
-        (deploy.RUN_COMPLETED, None, EXIT_OK, "status.json not read"),
-        (deploy.RUN_FAILED, None, EXIT_FAILED, "SuperLink: finished:failed"),
+        (deploy.RUN_COMPLETED, "completed", "completed", "fedlora: completed"),
+        (deploy.RUN_COMPLETED, "stopped", "stopped", "stopped early: too few nodes"),
+        (deploy.RUN_COMPLETED, "running", "failed", "fedlora: 'running'"),
+        (deploy.RUN_FAILED, "failed", "failed", "fedlora: too few nodes"),
+        (deploy.RUN_COMPLETED, None, "completed", "status.json not read"),
+        (deploy.RUN_FAILED, None, "failed", "SuperLink: finished:failed"),
     ],
 )
 def test_run_outcome_needs_both_flower_and_fedlora_to_agree(
-    tmp_path: Path, flwr_status: str, local: str | None, code: int, text: str
+    tmp_path: Path, flwr_status: str, local: str | None, outcome: str, text: str
 ) -> None:
     run_dir = None
     if local is not None:
         run_dir = tmp_path
         write_status(tmp_path, local, "too few nodes" if local != "completed" else "")
-    got_code, message = run_outcome(flwr_status, run_dir)
-    assert got_code == code and text in message, message
+    got, message = run_outcome(flwr_status, run_dir)
+    assert got == outcome and text in message, message

@@ -243,6 +243,10 @@ def test_node_requiring_secagg_refuses_a_plain_training_request() -> None:
     assert not client_secagg.secagg_mod(required=True)(query, _context(), train).has_error()
     assert not client_secagg.secagg_mod(required=False)(plain, _context(), train).has_error()
     assert called == [MessageType.QUERY, MessageType.TRAIN]
+    # By default the site decides, in its own node config.
+    site_requires = Context(1, 7, {client_secagg.REQUIRE_KEY: True}, RecordDict(), {})
+    assert client_secagg.secagg_mod()(plain, site_requires, train).has_error()
+    assert not client_secagg.secagg_mod()(plain, _context(), train).has_error()
 
 
 @pytest.mark.usefixtures("flower_task")

@@ -11,7 +11,7 @@ from fedlora.client.upload import FEEDBACK_STATE_KEY, build_upload
 from fedlora.compression import CompressionScheme, decode, encode
 from fedlora.config import ARRAYS_KEY, METRIC_NUM_EXAMPLES, TrainSettings
 from fedlora.errors import ConfigError
-from fedlora.strategies.compressed import CompressedUpdates
+from fedlora.strategies.compressed import CompressedUpdates, record_state
 from fedlora.strategies.registry import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task")
@@ -109,20 +109,15 @@ def test_topk_error_feedback_lives_in_the_node_state_across_rounds() -> None:
     assert FEEDBACK_STATE_KEY in node_state.array_records
     residual = {k: a.numpy() for k, a in node_state.array_records[FEEDBACK_STATE_KEY].items()}
     delta = {k: trained[k] - received[k] for k in trained}
-    sent = decode({k: a.numpy() for k, a in first.items()})
+    sent = decode(record_state(first))
     for key in delta:  # what was not sent is carried, exactly
         np.testing.assert_allclose(sent[key] + residual[key], delta[key], atol=1e-7)
     # next round with no new change: the carried residual itself is sent
     second = build_upload(received, received, settings, config, node_state)
-    sent2 = decode({k: a.numpy() for k, a in second.items()})
+    sent2 = decode(record_state(second))
     assert any(np.any(sent2[k] != 0) for k in sent2)
     # a fresh node state would have sent nothing at all
-    fresh = decode(
-        {
-            k: a.numpy()
-            for k, a in build_upload(received, received, settings, config, RecordDict()).items()
-        }
-    )
+    fresh = decode(record_state(build_upload(received, received, settings, config, RecordDict())))
     assert not any(np.any(fresh[k] != 0) for k in fresh)
 
 

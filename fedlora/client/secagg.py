@@ -10,10 +10,11 @@ This module adds what a fedlora node needs around that mod:
 
 * :func:`secagg_mod` runs ``secaggplus_mod`` for the protocol's ``train``
   messages only, so the same ClientApp still answers fedlora's plain
-  messages (site query, evaluate) — and, with ``required=True`` (the
-  default), refuses a plain ``train`` message with an error reply: a node
-  whose operator asked for secure aggregation never sends a readable update
-  because the server chose not to run the protocol (fail closed).
+  messages (site query, evaluate) — and, when the node requires it
+  (node config ``require-secagg=true``), refuses a plain ``train`` message
+  with an error reply: a node whose operator asked for secure aggregation
+  never sends a readable update because the server chose not to run the
+  protocol (fail closed).
 * :func:`secagg_fit_handler` turns a training function
   ``train_fn(state, config, context) -> (state, num_examples, metrics)`` over
   named tensors into the legacy fit handler. Legacy parameters are an
@@ -62,6 +63,7 @@ CLIPPING_KEY = "fedlora-secagg-clipping-range"
 MAX_WEIGHT_KEY = "fedlora-secagg-max-weight"
 ROUND_KEY = "server-round"  # equals fedlora.config.KEY_SERVER_ROUND
 METRIC_CLIPPED = "secagg-clipped-fraction"
+REQUIRE_KEY = "require-secagg"  # node config: refuse plain training requests
 # Error codes, mirroring fedlora.client.app (importing it would pull in torch).
 ERROR_CODE_USER = 4001
 ERROR_CODE_SECAGG_REQUIRED = 4002  # = ERROR_CODE_PRIVACY: the node refuses (fails closed)
@@ -82,15 +84,18 @@ def is_secagg_fit(msg: Message) -> bool:
     )
 
 
-def secagg_mod(required: bool = True) -> Mod:
+def secagg_mod(required: bool | None = None) -> Mod:
     """Flower's ``secaggplus_mod`` for SecAgg+ messages; plain messages pass by.
 
     Parameters
     ----------
-    required : bool
+    required : bool or None
         Refuse plain ``train`` messages with an error reply (code
         :data:`ERROR_CODE_SECAGG_REQUIRED`) instead of training and sending a
-        readable update. ``query`` and ``evaluate`` messages always pass.
+        readable update. None (the default) lets each node decide with the
+        node-config key ``require-secagg`` (:data:`REQUIRE_KEY`): the site's
+        operator, not the server, chooses. ``query`` and ``evaluate``
+        messages always pass.
     """
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -98,16 +103,24 @@ def secagg_mod(required: bool = True) -> Mod:
             return call_next(msg, context)
         if RECORD_KEY_CONFIGS in msg.content.config_records:
             return _run_protocol_step(msg, context, call_next)
-        if required:
+        must = required if required is not None else _node_requires(context)
+        if must:
             exc = SecAggRequired(
-                "this node only sends masked updates (secure aggregation is required by "
-                "its operator) but the server asked for a plain one; run the federation "
-                "with secure aggregation, or restart the node without --require-secagg"
+                "this node only sends masked updates (its operator requires secure "
+                "aggregation) but the server asked for a plain one; run the federation "
+                f"with secure aggregation, or restart the node without {REQUIRE_KEY}=true"
             )
             return _error(msg, exc, ERROR_CODE_SECAGG_REQUIRED)
         return call_next(msg, context)
 
     return mod
+
+
+def _node_requires(context: Context) -> bool:
+    value = context.node_config.get(REQUIRE_KEY, False)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
 
 
 class _TrainingFailed(Exception):
@@ -222,7 +235,7 @@ def secagg_fit_handler(train_fn: TrainFn) -> ClientAppCallable:
     return handle
 
 
-def build_secagg_client_app(train_fn: TrainFn, required: bool = True) -> ClientApp:
+def build_secagg_client_app(train_fn: TrainFn, required: bool | None = True) -> ClientApp:
     """A ClientApp that trains with ``train_fn`` and only sends masked updates."""
     app = ClientApp(mods=[secagg_mod(required)])
     app.train()(secagg_fit_handler(train_fn))

@@ -28,6 +28,7 @@ from fedlora.compression import CompressionScheme, ErrorFeedback, encode
 from fedlora.config import TrainSettings
 from fedlora.errors import ConfigError
 from fedlora.models import AdapterState
+from fedlora.strategies.compressed import encoded_record
 from fedlora.strategies.protocol import KEY_DECODES_COMPRESSED
 
 log = logging.getLogger("fedlora.client")
@@ -85,14 +86,14 @@ def build_upload(
     delta = {k: trained[k] - received[k] for k in trained}
     scheme = scheme_of(settings)
     if scheme.kind != "topk":
-        return _record(encode(delta, scheme))
+        return encoded_record(encode(delta, scheme))
     feedback = ErrorFeedback(scheme)
     saved = _saved_residual(node_state, delta)
     if saved:
         feedback.load_state_dict(saved)
     encoded = feedback.compress(delta)
     node_state[FEEDBACK_STATE_KEY] = _record(feedback.state_dict())
-    return _record(encoded)
+    return encoded_record(encoded)
 
 
 def _saved_residual(node_state: RecordDict, delta: AdapterState) -> AdapterState:

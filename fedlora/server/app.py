@@ -29,7 +29,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.client.app import arrays_to_state, state_to_arrays
 from fedlora.client.train import encode, evaluate
-from fedlora.config import ARRAYS_KEY, METRIC_ACCURACY, METRIC_LOSS, METRIC_NUM_EXAMPLES, RunConfig
+from fedlora.config import (
+    ARRAYS_KEY,
+    METRIC_ACCURACY,
+    METRIC_BYTES_SENT,
+    METRIC_LOSS,
+    METRIC_NUM_EXAMPLES,
+    RunConfig,
+)
 from fedlora.data.partition import simulation_split
 from fedlora.io import atomic_write_json
 from fedlora.models import (
@@ -46,11 +53,20 @@ from fedlora.server.history import RoundRecord, RunHistory
 from fedlora.server.loop import (
     RoundOutcome,
     RunStopped,
+    SiteRegistry,
     progress_line,
     reply_metrics,
     run_rounds,
+    sample_nodes,
     wait_for_nodes,
 )
+from fedlora.server.secagg import (
+    SecAggRound,
+    SecAggSettings,
+    SecureAggregationFailed,
+    run_secagg_rounds,
+)
+from fedlora.server.validation import expected_from_state, make_update_validator, state_norm
 from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")
@@ -171,8 +187,20 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
 
         status, reason = "completed", ""
         try:
-            run_rounds(strategy, grid, arrays, cfg, evaluator, on_round, first_round=first_round)
-        except RunStopped as stop:
+            if cfg.secagg:
+                _run_secagg(grid, arrays, cfg, evaluator, on_round, first_round)
+            else:
+                run_rounds(
+                    strategy,
+                    grid,
+                    arrays,
+                    cfg,
+                    evaluator,
+                    on_round,
+                    first_round=first_round,
+                    reply_filter=_update_validator(cfg, arrays),
+                )
+        except (RunStopped, SecureAggregationFailed) as stop:
             status, reason = "stopped", str(stop)
             log.warning("run stopped: %s", reason)
         final = latest["arrays"]
@@ -190,6 +218,88 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
     except Exception as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _update_validator(cfg: RunConfig, arrays: ArrayRecord) -> Any:
+    """Reject malformed or absurd updates before they reach the strategy.
+
+    Only where every reply carries the full adapter as sent: compressed
+    uploads and strategies with partial or per-site payloads (ffa-lora,
+    hetero-rank) are checked by their own decoders instead.
+    """
+    if cfg.train.compression != "none" or cfg.strategy in ("ffa-lora", "hetero-rank"):
+        return None
+    init = arrays_to_state(arrays)
+    max_norm = cfg.update_max_norm or 10 * state_norm(init)
+    return make_update_validator(expected_from_state(init), max_norm=max_norm)
+
+
+def _run_secagg(
+    grid: Grid,
+    arrays: ArrayRecord,
+    cfg: RunConfig,
+    evaluator: GlobalEvaluator,
+    on_round: Any,
+    first_round: int,
+) -> None:
+    """FedAvg over Flower's SecAgg+: the server only ever sees the masked sum."""
+    sites = SiteRegistry()
+    settings = SecAggSettings(
+        clipping_range=cfg.secagg_clipping_range,
+        max_weight=cfg.secagg_max_weight or float(cfg.train.max_train_examples),
+        timeout=cfg.round_timeout,
+    )
+
+    def select(server_round: int, node_ids: list[int]) -> list[int]:
+        sites.refresh(grid, timeout=max(cfg.round_timeout, 60.0))
+        return sample_nodes(
+            node_ids,
+            sites,
+            cfg.fraction_train,
+            cfg.min_train_nodes,
+            cfg.seed,
+            server_round,
+            "train",
+        )
+
+    def on_secure_round(result: SecAggRound) -> None:
+        new_arrays = state_to_arrays(result.state)
+        metrics = [result.metrics.get(n, {}) for n in result.contributed]
+        total = sum(result.num_examples.get(n, 0) for n in result.contributed) or 1
+        train: dict[str, float] = {}
+        for key in (METRIC_LOSS, METRIC_ACCURACY):
+            train[key] = (
+                sum(
+                    float(m.get(key, 0.0)) * result.num_examples.get(n, 0)  # type: ignore[arg-type]
+                    for n, m in zip(result.contributed, metrics, strict=True)
+                )
+                / total
+            )
+        on_round(
+            RoundOutcome(
+                server_round=result.server_round,
+                arrays=new_arrays,
+                train_metrics=train,
+                global_metrics=evaluator(result.server_round, new_arrays),
+                sampled=len(result.sampled),
+                ok=len(result.contributed),
+                failures=list(result.failures),
+                bytes_uploaded=int(sum(float(m.get(METRIC_BYTES_SENT, 0)) for m in metrics)),  # type: ignore[arg-type]
+                seconds=result.seconds,
+            )
+        )
+
+    run_secagg_rounds(
+        grid,
+        arrays_to_state(arrays),
+        cfg.num_server_rounds,
+        on_secure_round,
+        settings,
+        min_nodes=cfg.min_train_nodes,
+        first_round=first_round,
+        select=select,
+        wait_timeout=cfg.round_timeout,
+    )
 
 
 class ClientLog:

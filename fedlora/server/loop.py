@@ -253,17 +253,21 @@ def split_replies(
     expected: Sequence[int],
     sites: SiteRegistry,
     exhausted: set[str] | None = None,
+    sent: Sequence[Message] = (),
 ) -> tuple[list[Message], list[str]]:
     """Good replies in site order, and one human-readable line per failure.
 
     Sites that refused because their own privacy budget is spent are added
-    to ``exhausted`` so they are not sampled again.
+    to ``exhausted`` so they are not sampled again. A reply is attributed to
+    the node its request went to (``sent``): when a node dies, the SuperLink
+    answers "Node Unavailable" itself, from its own id.
     """
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     ok: list[Message] = []
     failures: list[str] = []
     seen: set[int] = set()
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = dst_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
         seen.add(node)
         if msg.has_error() and msg.error.code == ERROR_CODE_BUDGET and exhausted is not None:
             exhausted.add(sites.key(node))
@@ -343,7 +347,7 @@ def run_rounds(
         config = ConfigRecord(dict(train_config or {}))
         messages = list(strategy.configure_train(rnd, arrays, config, _view(grid, nodes)))
         replies = exchange.send(messages, cfg.round_timeout, rnd, "train")
-        ok, failures = split_replies(replies, nodes, sites, exhausted)
+        ok, failures = split_replies(replies, nodes, sites, exhausted, sent=messages)
         failures.extend(exchange.last_late)
         if reply_filter is not None:
             ok, rejected = reply_filter(rnd, ok)
@@ -375,13 +379,14 @@ def run_rounds(
             eval_nodes = sample_nodes(
                 grid.get_node_ids(), sites, cfg.fraction_evaluate, 1, cfg.seed, rnd, "evaluate"
             )
-            eval_msgs = strategy.configure_evaluate(
-                rnd, arrays, ConfigRecord(), _view(grid, eval_nodes)
+            eval_msgs = list(
+                strategy.configure_evaluate(rnd, arrays, ConfigRecord(), _view(grid, eval_nodes))
             )
             eval_ok, eval_fail = split_replies(
-                exchange.send(list(eval_msgs), cfg.round_timeout, rnd, "evaluate"),
+                exchange.send(eval_msgs, cfg.round_timeout, rnd, "evaluate"),
                 eval_nodes,
                 sites,
+                sent=eval_msgs,
             )
             outcome.failures.extend(f"evaluate: {f}" for f in eval_fail)
             if eval_ok:

@@ -61,8 +61,9 @@ entry anywhere (A's bound, the head's tail) plus the drift of training, and a
 C that is too small would clip the *model*. An update's scale is the
 optimiser's instead: AdamW moves an entry by about ``lr`` per step (at most
 ~3 lr in pathological steps), so ``|Δ| <~ lr * local_steps`` for A, B and the
-head alike. The default C = 1 covers lr 3e-3 for ~300 steps; its step 2C/Q
-= 4.8e-7 is far below B's scale. Aggregating updates is exactly FedAvg:
+head alike. The default C = 1 covers lr 3e-3 for ~300 typical steps (~100
+at Adam's worst-case 3.16 lr per step with the default betas); its step
+2C/Q = 4.8e-7 is far below B's scale. Aggregating updates is exactly FedAvg:
 ``mean_i(global + Δ_i) = global + mean_i(Δ_i)``.
 
 With differential privacy
@@ -70,16 +71,21 @@ With differential privacy
 * Quantization error is additive noise, zero-mean and bounded (|e| < 1 step
   per node), but it is *not* DP noise: it is not calibrated, and it adds
   nothing to ε.
-* With local DP (DP-SGD at each node) the noise is already inside Δ_i, so C
-  must cover the *noised* values: Opacus adds N(0, (σ·max_grad_norm/batch)²)
-  to each gradient entry before the optimiser step. Clipping noised values
-  is post-processing (ε is unchanged) but it truncates the noise and biases
-  the signal towards zero; watch ``secagg-clipped-fraction``.
-* Central DP (the server adds noise to the aggregate) still works, but the
-  server then sees the clean sum before adding noise: SecAgg+ protects single
-  updates from the server, central DP protects the released adapter from its
-  readers. Protecting against the server too needs each node to add its
-  share of noise before masking (distributed DP), with C covering it.
+* With local DP (DP-SGD at each node) the noise is already inside Δ_i and C
+  must cover the *noised* update. With AdamW that is still about
+  ``lr * steps`` (Adam normalises the noisy gradient: the noise changes the
+  direction of a step more than its size); with plain SGD each step adds
+  N(0, (lr·σ·max_grad_norm/batch)²) per entry, so size C for it. Clipping
+  noised values is post-processing (ε is unchanged) but it truncates the
+  noise and pulls the signal towards zero; watch ``secagg-clipped-fraction``.
+* Central DP needs per-update clipping the server cannot do on masked
+  updates: only the client-side clipping variants (Flower's
+  ``DifferentialPrivacyClientSide*`` with the nodes' clipping mod) fit, and
+  the server then sees the clean sum before it adds noise. SecAgg+ protects
+  single updates from the server, central DP protects the released adapter
+  from its readers. Protecting against the server too needs each node to add
+  its share of the noise before masking (distributed DP), with C covering
+  Δ plus about 4 standard deviations of that noise.
 
 What the server still learns
 ----------------------------

@@ -61,6 +61,51 @@ from fedlora.strategies.lora_math import (
 __all__ = ["ExactAggregate", "aggregate_exact"]
 
 
+class _ProductSum:
+    """``sum_i w_i B_i A_i`` per module in float64, a few updates at a time.
+
+    Adding each ``out x in`` product on its own costs a pass over a full matrix
+    per client and module, which dominated aggregation time (1000 MiniLM
+    updates: ~20 s). Stacking ``batch`` clients' factors side by side (FLoRA's
+    observation: ``sum_i w_i B_i A_i = [w_1 B_1 ... w_k B_k] [A_1; ...; A_k]``)
+    turns ``batch`` such passes into one matrix product, at the price of
+    holding ``batch`` updates' factors (float64) instead of one.
+    """
+
+    def __init__(self, batch: int = 16) -> None:
+        self.batch = batch
+        self._sums: dict[str, np.ndarray] = {}
+        self._b: dict[str, np.ndarray] = {}
+        self._a: dict[str, np.ndarray] = {}
+        self._filled = 0
+
+    def add(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]], weight: float) -> None:
+        """Add ``weight * B @ A`` for every module ``prefix -> (B, A)``."""
+        for prefix, (b, a) in factors.items():
+            r = a.shape[0]
+            if prefix not in self._sums:
+                self._sums[prefix] = np.zeros((b.shape[0], a.shape[1]), np.float64)
+                self._b[prefix] = np.zeros((b.shape[0], self.batch * r), np.float64)
+                self._a[prefix] = np.zeros((self.batch * r, a.shape[1]), np.float64)
+            cols = slice(self._filled * r, (self._filled + 1) * r)
+            np.multiply(b, weight, out=self._b[prefix][:, cols])
+            self._a[prefix][cols] = a
+        self._filled += 1
+        if self._filled == self.batch:
+            self._fold()
+
+    def _fold(self) -> None:
+        for prefix, total in self._sums.items():
+            width = self._filled * (self._a[prefix].shape[0] // self.batch)
+            total += self._b[prefix][:, :width] @ self._a[prefix][:width]
+        self._filled = 0
+
+    def mean(self, total_weight: float) -> dict[str, np.ndarray]:
+        """``prefix -> sum_i w_i B_i A_i / total_weight`` (float64)."""
+        self._fold()
+        return {prefix: s / total_weight for prefix, s in self._sums.items()}
+
+
 @dataclass(frozen=True)
 class ExactAggregate:
     """What :func:`aggregate_exact` returns.
@@ -156,26 +201,21 @@ def aggregate_exact(
     if factors not in ("svd", "mean"):
         raise ConfigError(f"factors must be 'svd' or 'mean', got {factors!r}")
 
-    # Two running means, each one update wide: the plain state (gives the dense
-    # keys, and the averaged factors for FedEx's choice, and checks every
-    # client has the same keys and ranks) and the per-module products.
-    state_mean, product_mean = RunningMean(), RunningMean()
+    # A running mean of the plain state (gives the dense keys, and the averaged
+    # factors for FedEx's choice, and checks every client has the same keys,
+    # ranks and finite values) and a running sum of the per-module products.
+    state_mean, product_sum = RunningMean(), _ProductSum()
     pairs: dict[str, tuple[str, str]] = {}
     for i, state, w in zip_weighted(states, weights):
         source = f"update {i}"
         pairs = lora_pairs(state)
+        # Check before adding anything: a rejected update leaves no trace.
         state_mean.check(state, w, source)
-        products = {
-            prefix: np.asarray(state[b_key], np.float64)
-            @ np.asarray(state[a_key], np.float64)
-            for prefix, (a_key, b_key) in pairs.items()
-        }
-        # Products before state: if they are rejected, neither mean moved.
-        product_mean.add(products, w, source)
+        product_sum.add({p: (state[b], state[a]) for p, (a, b) in pairs.items()}, float(w))
         state_mean.add(state, w, source)
 
     mean_state = state_mean.result()
-    mean_products = product_mean.result(np.float64)
+    mean_products = product_sum.mean(state_mean.total_weight)
     out: State = {k: mean_state[k] for k in dense_keys(mean_state)}
     errors: dict[str, float] = {}
     norms: dict[str, float] = {}
