@@ -246,3 +246,19 @@ def test_hetero_query_reply_carries_the_rank_only_when_asked() -> None:
     context = Context(1, 3, {"lora-rank": 16}, RecordDict(), {"strategy": "hetero-rank"})
     assert query_handler(asked, context).content.config_records["lora-rank"]["lora-rank"] == 16
     assert "lora-rank" not in query_handler(plain, context).content.config_records
+
+
+def test_hetero_rank_asks_again_a_node_that_did_not_reply() -> None:
+    # Node 2's operator restarts it at another rank: its round-1 arrays no longer
+    # load, it sends no good reply, and next time it is asked its rank again.
+    grid = FakeGrid({1: {"lora-rank": 1}, 2: {"lora-rank": 2}}, {"strategy": "hetero-rank"})
+    glob = {A: f32([[1.0, 0.0], [0.0, 1.0]]), B: np.zeros((2, 2)), HEAD: f32([0.0, 0.0])}
+    strategy = build_strategy("hetero-rank")
+    sent = configure(strategy, record(glob), grid)
+    c1 = {A: f32([[1.0, 0.0]]), B: f32([[2.0], [0.0]]), HEAD: f32([2.0, 0.0])}
+    arrays, _ = strategy.aggregate_train(1, [reply_to(sent[0], c1, 5)])
+    assert arrays is not None
+    grid.nodes[2]["lora-rank"] = 1
+    again = configure(strategy, arrays, grid, rnd=2)
+    assert grid.queries == 3  # node 1 is known; node 2 was asked again
+    assert {m.metadata.dst_node_id: sent_state(m)[A].shape[0] for m in again} == {1: 1, 2: 1}

@@ -169,3 +169,43 @@ def test_straggler_is_dropped_and_its_late_reply_logged(
     assert any("no reply before timeout" in f for f in rounds[2]["failures"])
     late = [f for f in rounds[3]["failures"] if "late reply" in f]
     assert late and "for round 2 dropped" in late[0]
+
+
+def _poison_partition_zero(msg: Any, context: Any, call_next: Any) -> Any:
+    """Site 0 sends NaNs, site 1 a tensor of the wrong shape."""
+    from flwr.app import Array, ArrayRecord
+
+    reply = call_next(msg, context)
+    site = int(context.node_config.get("partition-id", -1))
+    if msg.metadata.message_type != "train" or reply.has_error() or site not in (0, 1):
+        return reply
+    arrays = reply.content.array_records["arrays"]
+    state = {k: v.numpy() for k, v in arrays.items()}
+    first = next(iter(state))
+    if site == 0:
+        state[first] = np.full_like(state[first], np.nan)
+    else:
+        state[first] = np.zeros((2, 2), np.float32)
+    reply.content.array_records["arrays"] = ArrayRecord({k: Array(v) for k, v in state.items()})
+    return reply
+
+
+def test_nan_and_wrong_shape_updates_are_rejected_and_the_round_goes_on(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    status = simulate(
+        _overrides(
+            tiny_model_dir, text_csv, tmp_path, **{"num-server-rounds": 1, "min-train-nodes": 1}
+        ),
+        3,
+        Resources(num_cpus=1),
+        client_mods=[_poison_partition_zero],
+    )
+    assert status["status"] == "completed", status
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["clients_ok"] == 1 and rounds[1]["clients_failed"] == 2
+    text = " ".join(rounds[1]["failures"])
+    assert "partition-000000" in text and "partition-000001" in text
+    assert "nan" in text.lower() and "shape" in text.lower()
+    final = dict(np.load(io.BytesIO((tmp_path / "checkpoint" / "adapter.npz").read_bytes())))
+    assert all(np.isfinite(v).all() for v in final.values())

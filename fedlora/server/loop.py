@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -282,6 +283,12 @@ def split_replies(
     return ok, failures
 
 
+def _name_site(line: str, sites: SiteRegistry) -> str:
+    """Prefix a validator's "node N: ..." line with the node's site key."""
+    match = re.match(r"node (\d+)", line)
+    return f"{sites.key(int(match.group(1)))} ({line})" if match else line
+
+
 def reply_metrics(msg: Message) -> dict[str, float]:
     """All scalar metrics of a reply."""
     for record in msg.content.metric_records.values():
@@ -351,7 +358,7 @@ def run_rounds(
         failures.extend(exchange.last_late)
         if reply_filter is not None:
             ok, rejected = reply_filter(rnd, ok)
-            failures.extend(rejected)
+            failures.extend(_name_site(line, sites) for line in rejected)
         for line in failures:
             log.warning("round %d: %s", rnd, line)
         if len(ok) < cfg.min_train_nodes:

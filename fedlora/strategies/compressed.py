@@ -15,10 +15,11 @@ sees the update: :class:`SentArrays` does that, :class:`CompressedUpdates`
 wraps any Flower strategy with it (like Flower's DP wrappers), and fedlora's
 own LoRA strategies use it directly.
 
-Encoded arrays travel as raw bytes (``stype`` ``fedlora.raw``): Flower's
-``Array`` already carries dtype and shape, so numpy's ~128-byte ``.npy``
-header per array (four arrays per tensor here) would be a seventh of an int8
-MiniLM update for nothing. Only fedlora's decoder reads them.
+Encoded arrays travel as ordinary Flower ``Array`` objects (numpy ``.npy``
+bytes), so any server code that reads a reply with ``Array.numpy()`` keeps
+working. Each carries a ~128-byte ``.npy`` header and the codec uses four
+arrays per tensor: about 13 KB of an int8 MiniLM update (94 KB at rank 8);
+raw-byte arrays would save that but ``Array.numpy()`` cannot read them.
 
 Both announce ``decodes-compressed`` in the train config; a client asked to
 compress refuses (an error reply naming the fix) when it is missing, so a
@@ -53,15 +54,12 @@ from fedlora.strategies.protocol import KEY_DECODES_COMPRESSED
 log = logging.getLogger("fedlora.server")
 
 __all__ = [
-    "RAW_STYPE",
     "CompressedUpdates",
     "SentArrays",
     "encoded_record",
     "is_encoded",
     "record_state",
 ]
-
-RAW_STYPE = "fedlora.raw"  # Array.data is the C-order bytes of an array of Array.dtype
 
 
 def is_encoded(record: ArrayRecord) -> bool:
@@ -70,35 +68,25 @@ def is_encoded(record: ArrayRecord) -> bool:
 
 
 def encoded_record(encoded: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """An encoded payload (:func:`fedlora.compression.encode`) as raw-byte Arrays."""
-    return ArrayRecord(
-        {
-            key: Array(
-                dtype=np.asarray(a).dtype.str,
-                shape=tuple(int(d) for d in np.shape(a)),
-                stype=RAW_STYPE,
-                data=np.ascontiguousarray(a).tobytes(),
-            )
-            for key, a in encoded.items()
-        }
-    )
-
-
-def _wire_numpy(key: str, arr: Array) -> np.ndarray:
-    if arr.stype != RAW_STYPE:
-        return arr.numpy()
-    try:
-        dtype = np.dtype(arr.dtype)
-        if dtype.kind not in "iuf":
-            raise ValueError(f"dtype {arr.dtype!r} is not numeric")
-        return np.frombuffer(arr.data, dtype=dtype).reshape(arr.shape).copy()
-    except (TypeError, ValueError) as exc:
-        raise UpdateRejected(f"payload entry {key!r} is not a valid raw array: {exc}") from None
+    """An encoded payload (:func:`fedlora.compression.encode`) as an ArrayRecord."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(a)) for key, a in encoded.items()})
 
 
 def record_state(record: ArrayRecord) -> State:
-    """ArrayRecord -> name -> ndarray (plain or raw-byte Arrays)."""
-    return {name: _wire_numpy(name, arr) for name, arr in record.items()}
+    """ArrayRecord -> name -> ndarray.
+
+    Raises
+    ------
+    UpdateRejected
+        If an entry is not a readable numpy array (untrusted bytes).
+    """
+    state = {}
+    for name, arr in record.items():
+        try:
+            state[name] = arr.numpy()
+        except (TypeError, ValueError, EOFError, OSError) as exc:
+            raise UpdateRejected(f"payload entry {name!r} cannot be read: {exc}") from None
+    return state
 
 
 class SentArrays:
@@ -120,6 +108,10 @@ class SentArrays:
             for m in messages
             if self.arrayrecord_key in m.content.array_records
         }
+
+    def nodes(self) -> set[int]:
+        """The nodes sent arrays this round."""
+        return set(self._by_node)
 
     def clear(self) -> None:
         """Forget the round (keeps checkpoints of the strategy small)."""

@@ -195,15 +195,17 @@ class HeteroRank(LoraStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """As LoraStrategy's; a node that failed is asked its rank again next time.
+        """As LoraStrategy's; a node that sent no good reply is asked its rank again.
 
         A node whose operator changed its ``lora-rank`` fails to load the
-        arrays it was sent; forgetting its rank lets it recover next round.
+        arrays it was sent (the round loop drops its error reply before this
+        point); forgetting the rank of every node that did not reply lets it
+        recover the next time it is sampled, at the cost of one query.
         """
         replies = list(replies)
-        for reply in replies:
-            if reply.has_error():
-                self.node_ranks.pop(reply.metadata.src_node_id, None)
+        replied = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        for node in self.sent.nodes() - replied:
+            self.node_ranks.pop(node, None)
         return super().aggregate_train(server_round, replies)
 
 
