@@ -140,7 +140,9 @@ def poison_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_robust_aggregation_shrugs_off_a_sign_flipping_client_fedavg_does_not(
     tiny_model_dir: Path, poison_csv: Path, tmp_path: Path
 ) -> None:
-    # 5 clients, 1 malicious (20%), its update flipped and scaled by 10.
+    # 5 clients, 1 malicious (20%), its update flipped and scaled by 10. The
+    # server's norm gate (update-max-norm) would reject that update by itself;
+    # it is opened wide so that only the aggregation rule defends.
     attack = {"sim-malicious-fraction": 0.2, "sim-attack": "sign-flip", "sim-attack-scale": 10.0}
     robust = {
         "strategy": "multikrum",
@@ -149,7 +151,10 @@ def test_robust_aggregation_shrugs_off_a_sign_flipping_client_fedavg_does_not(
 
     def final_accuracy(name: str, **extra: Any) -> float:
         cfg = _overrides(
-            tiny_model_dir, poison_csv, tmp_path / name, **{"num-server-rounds": 6, **extra}
+            tiny_model_dir,
+            poison_csv,
+            tmp_path / name,
+            **{"num-server-rounds": 6, "update-max-norm": 1e9, **extra},
         )
         status = simulate(cfg, 5, Resources(num_cpus=1))
         assert status["status"] == "completed", status
