@@ -319,8 +319,18 @@ class RunConfig:
         )
         _require(self.ensemble_size >= 2, "ensemble-size", self.ensemble_size, ">= 2")
         _require(self.update_max_norm >= 0, "update-max-norm", self.update_max_norm, ">= 0")
+        if self.ensemble == "sites" and (
+            self.train.compression != "none" or self.strategy in ("ffa-lora", "hetero-rank")
+        ):
+            raise ConfigError(
+                "ensemble=sites needs each site's full adapter in its reply; it does not fit "
+                f"compression={self.train.compression} or strategy={self.strategy}. "
+                "Use ensemble=last-rounds"
+            )
         if self.secagg:
             problems = []
+            if self.train.compression != "none":
+                problems.append(f"compression={self.train.compression} (SecAgg+ quantises itself)")
             if self.strategy != "fedavg":
                 problems.append(f"strategy={self.strategy} (SecAgg+ computes a sum: use fedavg)")
             if self.privacy.dp_mode.startswith("central-server") or self.privacy.dp_mode in (

@@ -37,6 +37,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.client.modes import NodeMode, node_mode
 from fedlora.client.private import open_ledger, precheck, private_train
+from fedlora.client.secagg import fedlora_secagg_train, is_secagg_fit, secagg_mod
 from fedlora.client.train import EncodedDataset, encode, evaluate, local_train, round_generator
 from fedlora.client.upload import build_upload
 from fedlora.config import (
@@ -204,10 +205,13 @@ def build_client_app(
     # Client-side clipping for central DP is a mod on every node; it is a
     # no-op unless the run's dp-mode asks for it.
     dp_mod = client_clipping_mod(lambda ctx: run_config_of(ctx, extra).privacy.dp_mode)
-    client_app = ClientApp(mods=[*(mods or []), dp_mod])
+    # SecAgg+ runs Flower's secaggplus_mod on the protocol's messages only.
+    client_app = ClientApp(mods=[secagg_mod(), *(mods or []), dp_mod])
 
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
+        if is_secagg_fit(msg):
+            return fedlora_secagg_train(msg, context, extra)
         return train(msg, context, extra)
 
     @client_app.evaluate()

@@ -124,7 +124,9 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
         labels = list(test.labels.names)
         model = build_model(cfg.model_path or None, len(labels), cfg.lora, cfg.seed)
         arrays = state_to_arrays(adapter_state(model))
-        strategy = build_strategy(cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate)
+        strategy = build_strategy(
+            cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate, cfg.train.compression
+        )
         if cfg.privacy.dp_mode.startswith("central"):
             population = len(wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout))
             per_round = max(math.ceil(cfg.fraction_train * population), cfg.min_train_nodes)
@@ -170,12 +172,12 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
             latest["arrays"] = outcome.arrays
             record = _record(outcome)
             record.extra.update(clients.add(outcome))
-            record.extra.update(
-                ensemble(
-                    arrays_to_state(outcome.arrays),
-                    [arrays_to_state(m.content.array_records[ARRAYS_KEY]) for m in outcome.replies],
-                )
+            site_states = (
+                [arrays_to_state(m.content.array_records[ARRAYS_KEY]) for m in outcome.replies]
+                if cfg.ensemble == "sites"
+                else []
             )
+            record.extra.update(ensemble(arrays_to_state(outcome.arrays), site_states))
             central_eps = central_epsilon(strategy)
             if central_eps is not None:
                 record.extra["epsilon-user-level"] = central_eps
