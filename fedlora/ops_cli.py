@@ -235,6 +235,9 @@ def node(
     privacy_ledger_dir: Annotated[
         Path | None, typer.Option(help="Persistent folder for this site's privacy ledger.")
     ] = None,
+    require_secagg: Annotated[
+        bool, typer.Option(help="Refuse plain training: this site only joins SecAgg+ rounds.")
+    ] = False,
     runtime_port: Annotated[
         int, typer.Option(help="Local port (127.0.0.1) for the node's app runtime.")
     ] = deploy.DEFAULT_SUPERNODE_PORT,
@@ -263,6 +266,8 @@ def node(
         )
         for note in notes:
             typer.echo(note, err=True)
+        if require_secagg:
+            node_config["require-secagg"] = True
         command = deploy.supernode_command(
             superlink=superlink,
             root_certificates=ca,
