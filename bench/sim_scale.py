@@ -160,8 +160,7 @@ def per_round_compute(run_dir: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- scenarios
 def tiny_assets(work: Path, rows: int) -> tuple[Path, Path]:
     """The test suite's tiny BERT and a learnable 3-class CSV of ``rows`` rows."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_text_csv, make_tiny_model  # the tests' own builders
+    from fedlora.simulations.tiny import make_text_csv, make_tiny_model
 
     model = work / "tiny-model"
     if not (model / "config.json").is_file():
@@ -173,20 +172,12 @@ def tiny_assets(work: Path, rows: int) -> tuple[Path, Path]:
 
 
 def tiny_overrides(model: Path, data: Path) -> dict[str, Any]:
-    return {
-        "model-path": str(model),
-        "dataset": "file",
-        "data-file": str(data),
-        "partitioner": "iid",
-        "lora-rank": 4,
-        "lora-alpha": 8,
-        "lora-dropout": 0.0,
-        "batch-size": 8,
-        "learning-rate": 0.01,
-        "max-seq-length": 32,
-        "test-fraction": 0.05,
-        "seed": 3,
-    }
+    """The tests' tiny run, with almost all data in the clients' pool."""
+    from fedlora.simulations.tiny import tiny_run_config
+
+    config = tiny_run_config(model, data, "", **{"test-fraction": 0.05})
+    del config["run-dir"], config["num-server-rounds"], config["min-train-nodes"]
+    return config
 
 
 def bench_compute(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -12,91 +10,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = {
-    "sport": [
-        "match",
-        "goal",
-        "team",
-        "player",
-        "coach",
-        "league",
-        "score",
-        "win",
-        "season",
-        "club",
-    ],
-    "money": [
-        "bank",
-        "market",
-        "shares",
-        "profit",
-        "price",
-        "trade",
-        "growth",
-        "economy",
-        "loan",
-        "fund",
-    ],
-    "tech": [
-        "software",
-        "phone",
-        "internet",
-        "chip",
-        "computer",
-        "data",
-        "network",
-        "app",
-        "code",
-        "robot",
-    ],
-}
-LABELS = ("money", "sport", "tech")
+from fedlora.simulations.tiny import (
+    LABELS,
+    WORDS,
+    make_text_csv,
+    make_tiny_model,
+    tiny_run_config,
+)
 
-
-def _vocab() -> list[str]:
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    words = sorted({w for ws in WORDS.values() for w in ws} | {"the", "a", "and", "of"})
-    return special + letters + ["##" + c for c in letters] + list("0123456789.,!?") + words
-
-
-def make_tiny_model(folder: Path, hidden: int = 16) -> Path:
-    """Save a tiny BertModel + tokenizer to ``folder`` (like a real model folder)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(_vocab()) + "\n")
-    vocab = {tok: i for i, tok in enumerate(_vocab())}
-    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
-    tokenizer.save_pretrained(str(folder))
-    config = BertConfig(
-        vocab_size=len(_vocab()),
-        hidden_size=hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=64,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(str(folder))
-    return folder
-
-
-def make_text_csv(path: Path, n: int = 120, seed: int = 0, sites: int = 0) -> Path:
-    """A learnable 3-class CSV: each text uses its class's words."""
-    rng = random.Random(seed)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label", "site"] if sites else ["text", "label"])
-        for i in range(n):
-            label = LABELS[i % 3]
-            text = " ".join(rng.choice(WORDS[label]) for _ in range(rng.randint(4, 10)))
-            row = [text, label] + ([f"site-{i % sites}"] if sites else [])
-            writer.writerow(row)
-    return path
+__all__ = ["LABELS", "WORDS", "make_text_csv", "make_tiny_model", "tiny_run_config"]
 
 
 @pytest.fixture(scope="session")

@@ -18,30 +18,16 @@ from fedlora.compression import CompressionScheme, encode
 from fedlora.config import LoraSettings
 from fedlora.models import adapter_state, build_model
 from fedlora.simulations.engine import Resources, simulate
+from fedlora.simulations.tiny import tiny_run_config
 from fedlora.strategies.compressed import encoded_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _overrides(model_dir: Path, data: Path, run_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "model-path": str(model_dir),
-        "dataset": "file",
-        "data-file": str(data),
-        "partitioner": "iid",
-        "num-server-rounds": 2,
-        "lora-rank": 4,
-        "lora-alpha": 8,
-        "lora-dropout": 0.0,
-        "batch-size": 8,
-        "learning-rate": 0.05,
-        "local-epochs": 2,
-        "max-seq-length": 32,
-        "min-train-nodes": 2,
-        "run-dir": str(run_dir),
-        "seed": 3,
-        **extra,
-    }
+    return tiny_run_config(
+        model_dir, data, run_dir, **{"learning-rate": 0.05, "local-epochs": 2, **extra}
+    )
 
 
 def _recorder(out_dir: Path) -> Callable[..., Any]:

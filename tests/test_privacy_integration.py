@@ -17,28 +17,13 @@ from fedlora.models import adapter_state, build_model
 from fedlora.privacy.accounting import epsilon
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.simulations.engine import Resources, simulate
+from fedlora.simulations.tiny import tiny_run_config
 
 SIM = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _overrides(model_dir: Path, data: Path, run_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "model-path": str(model_dir),
-        "dataset": "file",
-        "data-file": str(data),
-        "partitioner": "iid",
-        "num-server-rounds": 2,
-        "lora-rank": 4,
-        "lora-alpha": 8,
-        "lora-dropout": 0.0,
-        "batch-size": 8,
-        "learning-rate": 0.01,
-        "max-seq-length": 32,
-        "min-train-nodes": 2,
-        "run-dir": str(run_dir),
-        "seed": 3,
-        **extra,
-    }
+    return tiny_run_config(model_dir, data, run_dir, **extra)
 
 
 # 120 rows, 20% server test -> 96 in the pool, IID over 3 clients -> 32 each.

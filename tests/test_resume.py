@@ -18,30 +18,24 @@ import pytest
 
 from fedlora.errors import ConfigError
 from fedlora.simulations.engine import Resources, simulate
+from fedlora.simulations.tiny import tiny_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _overrides(model_dir: Path, data: Path, run_dir: Path) -> dict[str, Any]:
-    return {
-        "model-path": str(model_dir),
-        "dataset": "file",
-        "data-file": str(data),
-        "partitioner": "iid",
-        "num-server-rounds": 4,
-        "lora-rank": 4,
-        "lora-alpha": 8,
-        "lora-dropout": 0.0,
-        "batch-size": 8,
-        "learning-rate": 0.01,
-        "max-seq-length": 32,
-        "min-train-nodes": 2,
-        "run-dir": str(run_dir),
-        "seed": 5,
-        # Server momentum makes the strategy stateful: resume must restore it.
-        "strategy": "fedavgm",
-        "strategy-options": "server-momentum=0.9",
-    }
+    # Server momentum makes the strategy stateful: resume must restore it.
+    return tiny_run_config(
+        model_dir,
+        data,
+        run_dir,
+        **{
+            "num-server-rounds": 4,
+            "seed": 5,
+            "strategy": "fedavgm",
+            "strategy-options": "server-momentum=0.9",
+        },
+    )
 
 
 def _final(run_dir: Path) -> dict[str, np.ndarray]:

@@ -13,29 +13,24 @@ import pytest
 
 from fedlora.server.secagg import SecAggSettings, aggregate_error_bound
 from fedlora.simulations.engine import Resources, simulate
+from fedlora.simulations.tiny import tiny_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _cfg(model_dir: Path, data: Path, run_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "model-path": str(model_dir),
-        "dataset": "file",
-        "data-file": str(data),
-        "partitioner": "iid",
-        "num-server-rounds": 1,
-        "lora-rank": 4,
-        "lora-alpha": 8,
-        "lora-dropout": 0.0,
-        "batch-size": 8,
-        "learning-rate": 0.01,
-        "max-seq-length": 32,
-        "min-train-nodes": 3,
-        "max-train-examples": 32,
-        "run-dir": str(run_dir),
-        "seed": 9,
-        **extra,
-    }
+    return tiny_run_config(
+        model_dir,
+        data,
+        run_dir,
+        **{
+            "num-server-rounds": 1,
+            "min-train-nodes": 3,
+            "max-train-examples": 32,
+            "seed": 9,
+            **extra,
+        },
+    )
 
 
 def _adapter(run_dir: Path) -> dict[str, np.ndarray]:

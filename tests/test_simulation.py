@@ -14,28 +14,13 @@ import torch
 from fedlora.config import LoraSettings
 from fedlora.models import adapter_state, build_model, load_adapter_state
 from fedlora.simulations.engine import Resources, simulate
+from fedlora.simulations.tiny import tiny_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _overrides(model_dir: Path, data: Path, run_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "model-path": str(model_dir),
-        "dataset": "file",
-        "data-file": str(data),
-        "partitioner": "iid",
-        "num-server-rounds": 2,
-        "lora-rank": 4,
-        "lora-alpha": 8,
-        "lora-dropout": 0.0,
-        "batch-size": 8,
-        "learning-rate": 0.01,
-        "max-seq-length": 32,
-        "min-train-nodes": 2,
-        "run-dir": str(run_dir),
-        "seed": 3,
-        **extra,
-    }
+    return tiny_run_config(model_dir, data, run_dir, **extra)
 
 
 def _fail_partition_zero(msg: Any, context: Any, call_next: Any) -> Any:

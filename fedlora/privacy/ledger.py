@@ -28,13 +28,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from fedlora.errors import ConfigError, DataError, PrivacyBudgetExceeded, PrivacyError
+from fedlora.io import atomic_write_text
 from fedlora.privacy.accounting import HistoryEntry, epsilon
 
 if sys.platform != "win32":
@@ -109,28 +109,6 @@ class LedgerRound:
     @property
     def history_entry(self) -> HistoryEntry:
         return (self.noise_multiplier, self.sample_rate, self.steps)
-
-
-def _atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace ``path`` with ``data`` so readers see old or new, never half."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, allow_nan=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    if sys.platform != "win32":  # the rename is durable once the folder is
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 @contextlib.contextmanager
@@ -304,7 +282,9 @@ class PrivacyLedger:
 
     def _write(self, state: Mapping[str, Any]) -> None:
         try:
-            _atomic_write_json(self.path, state)
+            atomic_write_text(
+                self.path, json.dumps(state, indent=2, sort_keys=True, allow_nan=True) + "\n"
+            )
         except OSError as err:
             raise PrivacyError(
                 f"privacy ledger {self.path} could not be written ({err}); the "
