@@ -147,6 +147,16 @@ def build_model(
     return model
 
 
+def default_device() -> torch.device:
+    """The GPU Ray assigned to this worker (``num-gpus`` > 0), else the CPU.
+
+    Ray sets CUDA_VISIBLE_DEVICES for a worker with a GPU share, so
+    ``cuda:0`` is that worker's (possibly shared) GPU. The model is moved
+    there *before* PEFT wraps it (opacus issue 820).
+    """
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass(frozen=True)
 class _CacheKey:
     model_path: str
@@ -167,7 +177,7 @@ def cached_model(model_path: str | None, num_labels: int, lora: LoraSettings, se
     key = _CacheKey(str(model_path or ""), num_labels, lora, seed)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # keep at most one base model per process
-        _MODEL_CACHE[key] = build_model(model_path, num_labels, lora, seed)
+        _MODEL_CACHE[key] = build_model(model_path, num_labels, lora, seed, default_device())
     return _MODEL_CACHE[key]
 
 

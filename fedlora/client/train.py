@@ -82,6 +82,14 @@ def make_loader(
     )
 
 
+def to_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Put a batch where the model's weights are (a GPU share, or the CPU)."""
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def round_generator(seed: int, server_round: int, site: int) -> torch.Generator:
     """Generator for one site's round: reproducible, independent across sites."""
     gen = torch.Generator()
@@ -123,6 +131,7 @@ def train_epochs(
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         for _ in range(epochs):
             for batch in loader:
+                batch = to_device(batch, model)
                 labels = batch["labels"]
                 if labels.numel() == 0:
                     # An empty Poisson batch releases nothing; the accountant has
@@ -169,6 +178,7 @@ def evaluate(
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for batch in _batches(dataset, batch_size):
+        batch = to_device(batch, model)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"]
         loss_sum += float(torch.nn.functional.cross_entropy(out.logits, labels, reduction="sum"))
@@ -194,12 +204,12 @@ def predict_proba(
     out = torch.empty(0)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate([dataset[i] for i in idx], dataset.pad_id)
+        batch = to_device(collate([dataset[i] for i in idx], dataset.pad_id), model)
         probs = torch.softmax(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
             dim=-1,
         )
         if out.numel() == 0:
             out = torch.zeros((len(dataset), probs.shape[-1]))
-        out[torch.tensor(idx)] = probs
+        out[torch.tensor(idx)] = probs.cpu()
     return out
