@@ -126,7 +126,8 @@ def test_clipping_matches_per_example_reference(
         (x, y)
         for _ in range(20)
         for x, y in private.data_loader
-        if min(norms[tuple(r.tolist())] for r in x) < clip
+        if len(x) >= 2  # Poisson sampling draws an empty batch about 1% of the time
+        and min(norms[tuple(r.tolist())] for r in x) < clip
         and max(norms[tuple(r.tolist())] for r in x) > clip
     )
     before = [p.detach().clone() for p in private.optimizer.params]
