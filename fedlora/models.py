@@ -278,11 +278,6 @@ def adapter_state_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
 
 
-def state_nbytes(state: AdapterState) -> int:
-    """Bytes of raw tensor data in a state (what travels, before framing)."""
-    return int(sum(v.nbytes for v in state.values()))
-
-
 def export_adapter(
     model: Any,
     state: AdapterState,

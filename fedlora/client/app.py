@@ -49,7 +49,6 @@ from fedlora.config import (
     METRIC_LOSS,
     METRIC_NUM_EXAMPLES,
     METRIC_TRAIN_TIME,
-    DataSettings,
     RunConfig,
 )
 from fedlora.data.labels import LabelSpace
@@ -141,9 +140,8 @@ def local_dataset(cfg: RunConfig, context: Context) -> tuple[TextDataset, int]:
 
 
 @lru_cache(maxsize=8)
-def _encoded(
-    data: DataSettings, model_path: str, max_len: int, key: tuple[Any, ...], texts: TextDataset
-) -> EncodedDataset:
+def _encoded(model_path: str, max_len: int, texts: TextDataset) -> EncodedDataset:
+    """Tokenised once per worker; ``texts`` (rows and label ids) is the cache key."""
     return encode(load_tokenizer(model_path or None), texts, max_len)
 
 
@@ -168,7 +166,7 @@ def prepare(
     flipped = poison_data and node.attack == "label-flip"
     if flipped:
         data = flip_labels(data)
-    encoded = _encoded(cfg.data, cfg.model_path, cfg.train.max_seq_length, (site, flipped), data)
+    encoded = _encoded(cfg.model_path, cfg.train.max_seq_length, data)
     lora = dataclasses.replace(cfg.lora, rank=node.rank)
     model = cached_model(cfg.model_path or None, len(data.labels), lora, cfg.seed)
     # Every use sets it: the cached model may have served another mode before.

@@ -177,7 +177,7 @@ def evaluate(
     """(mean loss, accuracy, examples) of ``model`` on ``dataset``."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for batch in _batches(dataset, batch_size):
+    for _idx, batch in _batches(dataset, batch_size):
         batch = to_device(batch, model)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"]
@@ -187,11 +187,14 @@ def evaluate(
     return loss_sum / max(seen, 1), correct / max(seen, 1), seen
 
 
-def _batches(dataset: EncodedDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    # Sort by length so evaluation pads little; order does not change metrics.
+def _batches(
+    dataset: EncodedDataset, batch_size: int
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(row indices, padded batch), sorted by length so evaluation pads little."""
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
     for start in range(0, len(order), batch_size):
-        yield collate([dataset[i] for i in order[start : start + batch_size]], dataset.pad_id)
+        idx = order[start : start + batch_size]
+        yield idx, collate([dataset[i] for i in idx], dataset.pad_id)
 
 
 @torch.no_grad()
@@ -200,11 +203,9 @@ def predict_proba(
 ) -> torch.Tensor:
     """Class probabilities for every example, in dataset order."""
     model.eval()
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
     out = torch.empty(0)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = to_device(collate([dataset[i] for i in idx], dataset.pad_id), model)
+    for idx, batch in _batches(dataset, batch_size):
+        batch = to_device(batch, model)
         probs = torch.softmax(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
             dim=-1,

@@ -74,7 +74,6 @@ log = logging.getLogger("fedlora.server")
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoint"
 
 
 def _ensure_console_logging() -> None:
@@ -102,7 +101,6 @@ class GlobalEvaluator:
         _pool, test = simulation_split(cfg.data, cfg.seed)
         self.model = model
         self.test = encode(load_tokenizer(cfg.model_path or None), test, cfg.train.max_seq_length)
-        self.labels = list(test.labels.names)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         load_adapter_state(self.model, arrays_to_state(arrays))

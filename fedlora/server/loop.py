@@ -290,18 +290,8 @@ def _name_site(line: str, sites: SiteRegistry) -> str:
 
 
 def reply_metrics(msg: Message) -> dict[str, float]:
-    """All scalar metrics of a reply."""
-    for record in msg.content.metric_records.values():
-        return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
-    return {}
-
-
-def _reply_metric(msg: Message, name: str) -> float:
-    """A scalar metric of a reply's (first) MetricRecord, 0 if absent."""
-    for record in msg.content.metric_records.values():
-        value = record.get(name, 0)
-        return float(value) if isinstance(value, (int, float)) else 0.0
-    return 0.0
+    """All scalar metrics of a reply's (first) MetricRecord."""
+    return _metric_dict(next(iter(msg.content.metric_records.values()), None))
 
 
 def _metric_dict(record: MetricRecord | None) -> dict[str, float]:
@@ -377,7 +367,7 @@ def run_rounds(
             sampled=len(nodes),
             ok=len(ok),
             failures=failures,
-            bytes_uploaded=int(sum(_reply_metric(m, METRIC_BYTES_SENT) for m in ok)),
+            bytes_uploaded=int(sum(reply_metrics(m).get(METRIC_BYTES_SENT, 0.0) for m in ok)),
             replies=ok,
             exhausted=sorted(exhausted),
             reply_sites=[sites.key(m.metadata.src_node_id) for m in ok],

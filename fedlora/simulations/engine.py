@@ -72,7 +72,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from fedlora.client.app import build_client_app
-    from fedlora.server.app import build_server_app, status_of
+    from fedlora.server.app import build_server_app, status_of, write_status
 
     if num_clients < 1:
         raise ConfigError(f"num-clients is {num_clients}; use >= 1")
@@ -103,11 +103,9 @@ def simulate(
         except Exception as exc:
             status = status_of(run_dir)
             if status.get("status") in ("missing", "running"):
-                from fedlora.io import atomic_write_json
-
-                status = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
                 run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(run_dir / "status.json", status)
+                write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+                status = status_of(run_dir)
             return {**status, "run_dir": str(run_dir)}
     status = status_of(run_dir)
     if status.get("status") in ("completed", "stopped"):
