@@ -6,7 +6,13 @@ means no DP (same recipe otherwise). Each client's ε covers all rounds
 (δ = 1e-5). Run, e.g.:
 
     .venv/bin/python bench/utility.py --datasets rotten-tomatoes,bbc-news \
-        --epsilons 1,4,8,inf --clients 10 --rounds 5
+        --epsilons 1,4,8,inf --clients 10 --rounds 3
+
+Private cells (finite ε) train with the DP recipe (``--dp-optimizer``,
+``--dp-lr``, ``--dp-batch``: SGD with a large rate and large Poisson batches,
+see docs/RESULTS.md); the ε = inf cell trains with the best non-private
+recipe (``--optimizer``, ``--lr``, ``--batch``), so the gap is what privacy
+costs, not what a DP-tuned recipe costs a non-private run.
 
 Slow on 2 CPU cores (minutes per cell); use --max-train-examples to cap
 each client's examples per round for a quicker, rougher table.
@@ -33,7 +39,9 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
         "dirichlet-alpha": args.alpha,
         "num-server-rounds": args.rounds,
         "learning-rate": args.lr,
+        "optimizer": args.optimizer,
         "batch-size": args.batch,
+        "strategy": args.strategy,
         "local-epochs": args.epochs,
         "max-seq-length": args.seq,
         "max-train-examples": args.max_train_examples,
@@ -44,7 +52,9 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
     }
     if math.isfinite(eps):
         cfg.update({"dp-mode": "local", "dp-target-epsilon": eps, "dp-delta": 1e-5,
-                    "dp-max-grad-norm": args.clip})
+                    "dp-max-grad-norm": args.clip, "optimizer": args.dp_optimizer,
+                    "learning-rate": args.dp_lr, "momentum": args.dp_momentum,
+                    "batch-size": args.dp_batch})
     start = time.perf_counter()
     status = simulate(cfg, args.clients, Resources(num_cpus=1))
     seconds = time.perf_counter() - start
@@ -58,6 +68,7 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
         "epsilon_spent_max": (last.extra.get("epsilon-max") if last else None),
+        "accuracy_per_round": accs,
         "wall_seconds": round(seconds, 1),
     }
 
@@ -67,12 +78,18 @@ def main() -> None:
     parser.add_argument("--datasets", default="rotten-tomatoes,bbc-news")
     parser.add_argument("--epsilons", default="1,4,8,inf")
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-3, help="non-private cells")
+    parser.add_argument("--optimizer", default="adamw", help="non-private cells")
+    parser.add_argument("--batch", type=int, default=32, help="non-private cells")
+    parser.add_argument("--dp-lr", type=float, default=2.0, help="private cells")
+    parser.add_argument("--dp-optimizer", default="sgd", help="private cells")
+    parser.add_argument("--dp-momentum", type=float, default=0.0, help="private cells")
+    parser.add_argument("--dp-batch", type=int, default=128, help="private cells")
+    parser.add_argument("--strategy", default="fedavg")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--max-train-examples", type=int, default=0)
     parser.add_argument("--seed", type=int, default=42)

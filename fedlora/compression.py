@@ -131,9 +131,7 @@ def _topk(flat: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(idx_dtype), flat[idx].astype(np.float32)
 
 
-def encode(
-    state: Mapping[str, np.ndarray], scheme: CompressionScheme
-) -> dict[str, np.ndarray]:
+def encode(state: Mapping[str, np.ndarray], scheme: CompressionScheme) -> dict[str, np.ndarray]:
     """Encode ``state`` into flat arrays for a Flower ``ArrayRecord``.
 
     Parameters

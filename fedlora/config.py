@@ -42,6 +42,10 @@ def _field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+POOLINGS = ("auto", "cls", "mean")
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA adapter shape, identical on every party of a federation."""
@@ -52,8 +56,18 @@ class LoraSettings:
     target_modules: tuple[str, ...] = _field(
         ("query", "value"), "Names of the linear layers that get LoRA adapters."
     )
+    pooling: str = field(
+        default="auto",
+        metadata={
+            "key": "pooling",
+            "help": "Sentence vector the head reads: cls (the model's pooler), mean "
+            "(masked mean of token states) or auto (the model folder's "
+            "sentence-transformers pooling if it has one, else cls).",
+        },
+    )
 
     def __post_init__(self) -> None:
+        _require(self.pooling in POOLINGS, "pooling", self.pooling, ", ".join(POOLINGS))
         _require(self.rank >= 1, "lora-rank", self.rank, "an integer >= 1")
         _require(self.alpha > 0, "lora-alpha", self.alpha, "a number > 0")
         _require(0 <= self.dropout < 1, "lora-dropout", self.dropout, "0 <= x < 1")
@@ -73,7 +87,13 @@ class TrainSettings:
     """Local training recipe a client follows each round."""
 
     local_epochs: int = _field(1, "Passes over the local data per round.")
-    learning_rate: float = _field(3e-3, "AdamW learning rate for the LoRA tensors.")
+    learning_rate: float = _field(3e-3, "Learning rate of the local optimiser.")
+    optimizer: str = _field(
+        "adamw",
+        "Local optimiser: adamw, or sgd (plain/momentum SGD; the better choice under "
+        "DP-SGD, where Adam moves noise-only coordinates by ~lr every step).",
+    )
+    momentum: float = _field(0.0, "SGD momentum (optimizer=sgd only).")
     batch_size: int = _field(16, "Examples per optimiser step.")
     max_seq_length: int = _field(64, "Tokens kept per text (longer texts truncated).")
     max_train_examples: int = _field(
@@ -104,7 +124,25 @@ class TrainSettings:
             ">= 0 (0 means one scale per tensor)",
         )
         _require(0 < self.topk_fraction <= 1, "topk-fraction", self.topk_fraction, "0 < x <= 1")
-        _require(0 < self.learning_rate < 1, "learning-rate", self.learning_rate, "0 < x < 1")
+        _require(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, ", ".join(OPTIMIZERS))
+        _require(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= x < 1")
+        _require(
+            self.momentum == 0 or self.optimizer == "sgd",
+            "momentum",
+            self.momentum,
+            "0 unless optimizer=sgd",
+        )
+        if self.optimizer == "adamw":
+            _require(
+                0 < self.learning_rate < 1,
+                "learning-rate",
+                self.learning_rate,
+                "0 < x < 1 for optimizer=adamw (larger rates are for optimizer=sgd)",
+            )
+        else:
+            _require(
+                0 < self.learning_rate <= 100, "learning-rate", self.learning_rate, "0 < x <= 100"
+            )
         _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
         _require(
             8 <= self.max_seq_length <= 4096,
@@ -445,10 +483,11 @@ for _group, _cls in _GROUPS.items():
         if _f.name in _GROUPS:
             continue
         _prefix = "lora-" if _group == "lora" else ""
+        _key = _f.metadata.get("key") or _prefix + _flat_name(_f.name)
         _type = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}[
             str(_f.type)
         ]
-        _FLAT_FIELDS[_prefix + _flat_name(_f.name)] = (_group, _f.name, _type)
+        _FLAT_FIELDS[_key] = (_group, _f.name, _type)
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:

@@ -11,6 +11,12 @@ PEFT does the adapter work (``get_peft_model``, ``get_peft_model_state_dict``,
   issue 820);
 * the payload is exactly the trainable tensors, by PEFT's name, and loading a
   payload is strict: a missing, extra or mis-shaped tensor is an error;
+* the sentence vector the head reads follows the checkpoint: a
+  sentence-transformers model such as all-MiniLM-L6-v2 was trained for the
+  masked *mean* of its token states, and its CLS/pooler output is untrained
+  (a linear probe on it stays at the majority class; on the mean it reaches
+  0.75 on Rotten Tomatoes), so ``pooling=auto`` reads the folder's pooling
+  config and swaps the pooler for :class:`MaskedMeanPooler`;
 * a per-process cache so a simulation worker loads the base once and reuses it
   for every virtual client it serves (only trainable tensors change, and the
   server's state resets all of them each round).
@@ -93,6 +99,72 @@ def load_tokenizer(model_path: str | os.PathLike[str] | None) -> Any:
         ) from exc
 
 
+def resolve_pooling(model_path: Path, pooling: str) -> str:
+    """``cls`` or ``mean``: ``auto`` follows a sentence-transformers folder's
+    ``modules.json`` → Pooling config (mean tokens → ``mean``), else ``cls``."""
+    if pooling != "auto":
+        return pooling
+    try:
+        modules = json.loads((model_path / "modules.json").read_text())
+        for module in modules:
+            if str(module.get("type", "")).endswith("Pooling"):
+                cfg = json.loads((model_path / module["path"] / "config.json").read_text())
+                if cfg.get("pooling_mode_mean_tokens"):
+                    return "mean"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no (readable) sentence-transformers pooling config: the HF default
+    return "cls"
+
+
+class MaskedMeanPooler(torch.nn.Module):
+    """Mean of the token states under the attention mask (padding excluded).
+
+    Takes the place of a BERT-family ``pooler``; the encoder's forward
+    pre-hook (:class:`_StashMask`) hands it the batch's attention mask, since
+    HF calls a pooler with the hidden states only. No parameters, so Opacus and
+    PEFT see nothing new.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask
+        if mask is None or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+            mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class _StashMask:
+    """Encoder pre-hook giving the mean pooler this call's attention mask.
+
+    A class, not a closure: ``copy.deepcopy`` of the model (DP rounds train a
+    copy) must reach the *copy's* pooler, which ``module`` always is.
+    """
+
+    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        module.pooler.attention_mask = mask
+
+
+def install_pooling(model: Any, pooling: str) -> None:
+    """Make an HF sequence classifier read the pooled vector ``pooling`` names."""
+    if pooling == "cls":
+        return
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if encoder is None or getattr(encoder, "pooler", None) is None:
+        raise ModelError(
+            f"pooling=mean needs a BERT-family model whose classifier reads a pooler; "
+            f"{type(model).__name__} has none. Set pooling=cls"
+        )
+    encoder.pooler = MaskedMeanPooler()
+    encoder.register_forward_pre_hook(_StashMask(), with_kwargs=True)
+
+
 def build_model(
     model_path: str | os.PathLike[str] | None,
     num_labels: int,
@@ -124,6 +196,7 @@ def build_model(
                 )
             except (OSError, ValueError, RuntimeError) as exc:
                 raise ModelError(f"cannot load model from {path}: {exc}") from exc
+            install_pooling(base, resolve_pooling(path, lora.pooling))
             # Move first, wrap second (opacus issue 820).
             base = base.to(device)
             config = LoraConfig(
@@ -313,7 +386,10 @@ def load_exported(
     if not labels_file.is_file():
         raise ModelError(f"{adapter_path} has no {LABELS_FILE}; was it exported by fedlora?")
     labels = json.loads(labels_file.read_text())["labels"]
-    base = AutoModelForSequenceClassification.from_pretrained(
-        str(resolve_model_path(model_path)), num_labels=len(labels)
-    )
+    path = resolve_model_path(model_path)
+    base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=len(labels))
+    metadata_file = adapter_path / METADATA_FILE
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    # The head was trained on this sentence vector; read it the same way.
+    install_pooling(base, str(metadata.get("pooling") or resolve_pooling(path, "auto")))
     return PeftModel.from_pretrained(base, str(adapter_path)), labels

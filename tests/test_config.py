@@ -29,7 +29,14 @@ def test_flat_round_trip_and_typed_groups() -> None:
     ("key", "value", "fragment"),
     [
         ("lora-rank", 0, "'lora-rank' has value 0"),
-        ("learning-rate", 5.0, "'learning-rate' has value 5.0; allowed: 0 < x < 1"),
+        (
+            "learning-rate",
+            5.0,
+            "'learning-rate' has value 5.0; allowed: 0 < x < 1 for optimizer=adamw",
+        ),
+        ("optimizer", "adam", "'optimizer' has value 'adam'; allowed: adamw, sgd"),
+        ("momentum", 0.9, "'momentum' has value 0.9; allowed: 0 unless optimizer=sgd"),
+        ("pooling", "max", "'pooling' has value 'max'; allowed: auto, cls, mean"),
         ("fraction-train", 0.0, "'fraction-train'"),
         ("batch-size", "many", "'batch-size' has value 'many'; allowed: a int"),
         ("test-fraction", 1.0, "'test-fraction'"),
@@ -40,6 +47,14 @@ def test_flat_round_trip_and_typed_groups() -> None:
 def test_bad_values_name_key_value_and_allowed(key: str, value: object, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         RunConfig.from_flat({key: value})
+
+
+def test_sgd_takes_large_rates_and_momentum() -> None:
+    cfg = RunConfig.from_flat(
+        {"optimizer": "sgd", "learning-rate": 2.0, "momentum": 0.9, "pooling": "mean"}
+    )
+    assert (cfg.train.optimizer, cfg.train.learning_rate, cfg.train.momentum) == ("sgd", 2.0, 0.9)
+    assert cfg.lora.pooling == "mean" and cfg.to_flat()["pooling"] == "mean"
 
 
 def test_unknown_key_lists_known_keys() -> None:

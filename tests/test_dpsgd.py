@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.errors import ConfigError, PrivacyError
+from fedlora.models import install_pooling
 from fedlora.privacy.accounting import epsilon, steps_per_round
 from fedlora.privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
@@ -31,7 +32,7 @@ from fedlora.privacy.dpsgd import (
 DEVICE = torch.device("cpu")
 
 
-def tiny_lora_model(seed: int = 0) -> Any:
+def tiny_lora_model(seed: int = 0, pooling: str = "cls") -> Any:
     """Tiny BERT + LoRA, moved to its device *before* get_peft_model."""
     torch.manual_seed(seed)
     options: dict[str, Any] = {
@@ -47,6 +48,7 @@ def tiny_lora_model(seed: int = 0) -> Any:
         "attention_probs_dropout_prob": 0.0,
     }
     base: Any = BertForSequenceClassification(BertConfig(**options))
+    install_pooling(base, pooling)
     base = base.to(DEVICE)  # move first...
     lora = LoraConfig(
         r=4,
@@ -144,6 +146,48 @@ def test_clipping_matches_per_example_reference(
     assert len(update) == 6  # 2 x (lora_A, lora_B) + classifier weight and bias
     for got, want in zip(update, expected, strict=True):
         assert want.abs().max() > 0  # every tensor really trained
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_mean_pooled_padded_batch_matches_per_example_reference(mode: str) -> None:
+    """The masked-mean pooler (packaged MiniLM's default) mixes tokens within an
+    example only: Opacus' per-sample clipping must still match one-at-a-time
+    autograd on a padded batch, where each example sees only its own tokens."""
+    model = tiny_lora_model(pooling="mean")
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 100, (6, 10), generator=g)
+    lengths = torch.tensor([10, 3, 7, 5, 10, 2])
+    mask = (torch.arange(10)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    labels = torch.randint(0, 3, (6,), generator=g)
+    norms = []
+    for i in range(6):
+        reference.zero_grad()
+        out = reference(input_ids=ids[i : i + 1, : lengths[i]]).logits  # no padding at all
+        nn.functional.cross_entropy(out, labels[i : i + 1]).backward()
+        norms.append(math.sqrt(sum(float((p.grad**2).sum()) for p in trainable(reference))))
+    clip = sorted(norms)[3]
+    config = DPConfig(noise_multiplier=1.0, max_grad_norm=clip, grad_sample_mode=mode)
+    with pytest.warns(UserWarning, match="no differential privacy"):
+        private = wrap(model, 16, 6, config, 0.0)
+    before = [p.detach().clone() for p in private.optimizer.params]
+    private.optimizer.zero_grad()
+    logits = private.model(input_ids=ids, attention_mask=mask).logits
+    private.criterion(logits, labels).backward()
+    private.optimizer.step()
+    update = [b - p.detach() for b, p in zip(before, private.optimizer.params, strict=True)]
+    expected = [torch.zeros_like(p) for p in trainable(reference)]
+    for i in range(6):
+        reference.zero_grad()
+        out = reference(input_ids=ids[i : i + 1, : lengths[i]]).logits
+        nn.functional.cross_entropy(out, labels[i : i + 1]).backward()
+        factor = min(1.0, clip / (norms[i] + 1e-6))
+        for acc, p in zip(expected, trainable(reference), strict=True):
+            acc += factor * p.grad / private.optimizer.expected_batch_size
+    for got, want in zip(update, expected, strict=True):
+        assert want.abs().max() > 0
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 

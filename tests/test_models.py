@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,15 @@ import torch
 from fedlora.config import LoraSettings
 from fedlora.errors import ModelError
 from fedlora.models import (
+    MaskedMeanPooler,
     adapter_state,
     build_model,
     export_adapter,
+    install_pooling,
     load_adapter_state,
     load_exported,
     resolve_model_path,
+    resolve_pooling,
 )
 
 LORA = LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
@@ -123,3 +127,81 @@ def test_bad_target_modules_lists_layer_names(tiny_model_dir: Path) -> None:
 def test_packaged_default_model_folder_is_complete() -> None:
     path = resolve_model_path("")
     assert (path / "config.json").is_file()
+
+
+def _write_st_pooling(folder: Path, mean: bool) -> None:
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},'
+        ' {"idx": 1, "name": "1", "path": "1_Pooling", '
+        '"type": "sentence_transformers.models.Pooling"}]'
+    )
+    (folder / "1_Pooling" / "config.json").write_text(
+        f'{{"pooling_mode_mean_tokens": {str(mean).lower()}, '
+        f'"pooling_mode_cls_token": {str(not mean).lower()}}}'
+    )
+
+
+def test_pooling_auto_follows_the_sentence_transformers_config(tmp_path: Path) -> None:
+    assert resolve_pooling(tmp_path, "auto") == "cls"  # plain HF folder
+    _write_st_pooling(tmp_path, mean=True)
+    assert resolve_pooling(tmp_path, "auto") == "mean"
+    _write_st_pooling(tmp_path, mean=False)
+    assert resolve_pooling(tmp_path, "auto") == "cls"
+    assert resolve_pooling(tmp_path, "mean") == "mean"  # explicit choice wins
+    # The packaged all-MiniLM-L6-v2 was trained with mean pooling.
+    assert resolve_pooling(resolve_model_path(None), "auto") == "mean"
+
+
+def test_masked_mean_pooler_by_hand() -> None:
+    pooler = MaskedMeanPooler()
+    hidden = torch.tensor(
+        [[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]]
+    )
+    pooler.attention_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert torch.equal(pooler(hidden), torch.tensor([[2.0, 3.0], [7.0, 8.0]]))
+
+
+def test_mean_pooling_model_reads_the_masked_mean(tiny_model_dir: Path) -> None:
+    """Logits = head(masked mean of the last hidden states): padding changes nothing,
+    and a deep copy (what a DP round trains) pools with its own mask."""
+    import copy
+
+    model = build_model(tiny_model_dir, 3, replace(LORA, pooling="mean"), seed=0).eval()
+    ids = torch.tensor([[2, 40, 41, 42, 3, 0, 0], [2, 50, 51, 3, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hidden = model.base_model.model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).float()
+        pooled = (hidden * weights).sum(1) / weights.sum(1)
+        head = model.base_model.model.classifier
+        assert torch.allclose(logits, head(pooled), atol=1e-5)
+        short = model(input_ids=ids[:1, :5], attention_mask=mask[:1, :5]).logits
+        assert torch.allclose(short, logits[:1], atol=1e-5)
+        twin = copy.deepcopy(model)
+        assert torch.allclose(twin(input_ids=ids, attention_mask=mask).logits, logits, atol=1e-6)
+    cls = build_model(tiny_model_dir, 3, replace(LORA, pooling="cls"), seed=0).eval()
+    with torch.no_grad():
+        assert not torch.allclose(cls(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+def test_export_records_pooling_and_reloads_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = build_model(tiny_model_dir, 3, replace(LORA, pooling="mean"), seed=0)
+    rng = np.random.default_rng(2)
+    trained = {
+        k: rng.standard_normal(v.shape).astype(np.float32) for k, v in adapter_state(model).items()
+    }
+    export_adapter(model, trained, tmp_path / "adapter", ["a", "b", "c"], {"pooling": "mean"})
+    again, _ = load_exported(tmp_path / "adapter", str(tiny_model_dir))
+    assert torch.allclose(_logits(again), _logits(model), atol=1e-6)
+
+
+def test_mean_pooling_needs_a_pooler(tiny_model_dir: Path) -> None:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    other = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=50, dim=8, n_layers=1, n_heads=2, hidden_dim=16)
+    )
+    with pytest.raises(ModelError, match="pooling=mean.*Set pooling=cls"):
+        install_pooling(other, "mean")

@@ -30,8 +30,8 @@ from fedlora.client.train import (
     EncodedDataset,
     TrainResult,
     make_loader,
+    make_optimizer,
     train_epochs,
-    trainable_parameters,
 )
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, PrivacyError
@@ -179,7 +179,7 @@ def private_train(
     work = copy.deepcopy(model)
     work.train()
     loader = make_loader(dataset, settings.batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.AdamW(trainable_parameters(work), lr=settings.learning_rate)
+    optimizer = make_optimizer(work, settings)
     wrapped = make_private(work, optimizer, loader, dp, sigma, None if secure_rng else generator)
     result = train_epochs(
         wrapped.model, wrapped.data_loader, wrapped.optimizer, settings.local_epochs, generator

@@ -45,6 +45,8 @@ from fedlora.models import (
     export_adapter,
     load_adapter_state,
     load_tokenizer,
+    resolve_model_path,
+    resolve_pooling,
 )
 from fedlora.privacy.central import central_epsilon, wrap_central
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
@@ -209,6 +211,9 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
             "strategy": cfg.strategy,
             "seed": cfg.seed,
             "base_model": str(cfg.model_path or "all-MiniLM-L6-v2 (packaged)"),
+            "pooling": resolve_pooling(
+                resolve_model_path(cfg.model_path or None), cfg.lora.pooling
+            ),
             "differential_privacy": _dp_metadata(cfg, history, strategy),
             "status": status,
         }

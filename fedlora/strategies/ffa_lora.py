@@ -84,17 +84,14 @@ def ffa_init_A(shape: tuple[int, int], seed: int, prefix: str) -> np.ndarray:
         or min(shape) < 1
     ):
         raise ConfigError(
-            f"FFA A shape for {prefix!r} must be (rank, in_features) with both "
-            f">= 1, got {shape!r}"
+            f"FFA A shape for {prefix!r} must be (rank, in_features) with both >= 1, got {shape!r}"
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     rank, in_features = shape
     bits = np.random.PCG64(_stable_seed(seed, prefix)).random_raw(rank * in_features)
     # Top 53 bits -> uniform [0, 1) double, exactly as the C standard recipe.
-    unit = (np.asarray(bits, np.uint64) >> np.uint64(11)).astype(np.float64) * (
-        2.0**-53
-    )
+    unit = (np.asarray(bits, np.uint64) >> np.uint64(11)).astype(np.float64) * (2.0**-53)
     bound = 1.0 / math.sqrt(in_features)
     return ((2.0 * unit - 1.0) * bound).astype(np.float32).reshape(rank, in_features)
 

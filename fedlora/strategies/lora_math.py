@@ -89,9 +89,7 @@ def lora_pairs(state: Mapping[str, np.ndarray]) -> dict[str, tuple[str, str]]:
     lonely = sorted(a_prefixes ^ b_prefixes)
     if lonely:
         prefix = lonely[0]
-        have, missing = (
-            ("lora_A", "lora_B") if prefix in a_prefixes else ("lora_B", "lora_A")
-        )
+        have, missing = ("lora_A", "lora_B") if prefix in a_prefixes else ("lora_B", "lora_A")
         raise UpdateRejected(
             f"module {prefix!r} has a {have} factor but no {missing} factor; "
             f"send both {prefix}{LORA_A_SUFFIX} and {prefix}{LORA_B_SUFFIX}"
@@ -185,9 +183,7 @@ class RunningMean:
         """Sum of the weights added so far."""
         return self._total
 
-    def add(
-        self, state: Mapping[str, np.ndarray], weight: float, source: str = "update"
-    ) -> None:
+    def add(self, state: Mapping[str, np.ndarray], weight: float, source: str = "update") -> None:
         """Add ``state`` with ``weight`` (the client's example count).
 
         Parameters
@@ -214,9 +210,7 @@ class RunningMean:
         self._total += w
         self._count += 1
 
-    def check(
-        self, state: Mapping[str, np.ndarray], weight: float, source: str = "update"
-    ) -> None:
+    def check(self, state: Mapping[str, np.ndarray], weight: float, source: str = "update") -> None:
         """Raise what :meth:`add` would raise, without adding anything.
 
         Lets a strategy that keeps several means validate every part of an
@@ -280,9 +274,7 @@ class RunningMean:
         return {k: (s / self._total).astype(dtype) for k, s in self._sum.items()}
 
 
-def weighted_mean(
-    states: Iterable[Mapping[str, np.ndarray]], weights: Iterable[float]
-) -> State:
+def weighted_mean(states: Iterable[Mapping[str, np.ndarray]], weights: Iterable[float]) -> State:
     """Weighted mean of states: ``sum_i w_i x_i / sum_i w_i`` per key.
 
     Parameters
