@@ -54,7 +54,10 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
         cfg.update({"dp-mode": "local", "dp-target-epsilon": eps, "dp-delta": 1e-5,
                     "dp-max-grad-norm": args.clip, "optimizer": args.dp_optimizer,
                     "learning-rate": args.dp_lr, "momentum": args.dp_momentum,
-                    "batch-size": args.dp_batch})
+                    "batch-size": args.dp_batch,
+                    # DP noise x a large SGD rate makes honest updates far larger
+                    # than the default 10x-initial-norm guard expects.
+                    "update-max-norm": args.dp_update_max_norm})
     start = time.perf_counter()
     status = simulate(cfg, args.clients, Resources(num_cpus=1))
     seconds = time.perf_counter() - start
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--dp-optimizer", default="sgd", help="private cells")
     parser.add_argument("--dp-momentum", type=float, default=0.0, help="private cells")
     parser.add_argument("--dp-batch", type=int, default=128, help="private cells")
+    parser.add_argument("--dp-update-max-norm", type=float, default=1000.0,
+                        help="private cells: the server's update-norm guard")
     parser.add_argument("--strategy", default="fedavg")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seq", type=int, default=48)

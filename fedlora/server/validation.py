@@ -108,7 +108,11 @@ def check_update(
             return f"tensor {name!r} has {bad} non-finite value(s) (NaN or inf)"
     norm = state_norm(state)
     if norm > max_norm:
-        return f"L2 norm of the update is {norm:.4g}, above the limit {max_norm:.4g}"
+        return (
+            f"L2 norm of the update is {norm:.4g}, above the limit {max_norm:.4g} "
+            "(update-max-norm; raise it if honest updates are this large, e.g. DP-SGD "
+            "noise at a large learning rate)"
+        )
     return None
 
 
