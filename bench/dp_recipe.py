@@ -28,7 +28,7 @@ import torch
 
 from fedlora.client.train import encode, evaluate, make_loader, make_optimizer, train_epochs
 from fedlora.config import LoraSettings, TrainSettings
-from fedlora.data.sources import load_demo
+from fedlora.data.sources import TextDataset, load_demo
 from fedlora.models import build_model, load_tokenizer
 from fedlora.privacy.accounting import noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import DPConfig, make_private
@@ -46,17 +46,22 @@ RECIPES: dict[str, tuple[str, str, float, int]] = {
 }
 
 
-def run(name: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
-    pooling, optimizer, lr, batch = RECIPES[name]
+def split(args: argparse.Namespace) -> tuple[TextDataset, TextDataset]:
+    """The one client's examples and the held-out ones (seeded, IID)."""
     data = load_demo(args.dataset)
     order = list(range(len(data)))
     random.Random(args.seed).shuffle(order)
-    train = data.subset(order[: args.n])
-    test = data.subset(order[args.n : args.n + args.n_test])
+    return data.subset(order[: args.n]), data.subset(order[args.n : args.n + args.n_test])
+
+
+def run(
+    name: str, eps: float, train: TextDataset, test: TextDataset, args: argparse.Namespace
+) -> dict[str, Any]:
+    pooling, optimizer, lr, batch = RECIPES[name]
     tokenizer = load_tokenizer(None)
     enc_train, enc_test = (encode(tokenizer, d, args.seq) for d in (train, test))
     lora = replace(LoraSettings(), pooling=pooling)
-    model = build_model(None, len(data.labels), lora, args.seed)
+    model = build_model(None, len(train.labels), lora, args.seed)
     model.train()
     settings = TrainSettings(learning_rate=lr, optimizer=optimizer, batch_size=batch)
     opt = make_optimizer(model, settings)
@@ -103,9 +108,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rows = []
+    train, test = split(args)  # read and split once; every recipe sees the same examples
     for eps in (float(e) for e in args.eps.split(",")):
         for name in args.recipes.split(","):
-            rows.append(run(name, eps, args))
+            rows.append(run(name, eps, train, test, args))
             print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"settings": vars(args), "results": rows}, indent=2))
 
