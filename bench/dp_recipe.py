@@ -33,16 +33,27 @@ from fedlora.models import build_model, load_tokenizer
 from fedlora.privacy.accounting import noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import DPConfig, make_private
 
-# name -> (pooling, optimizer, learning rate, batch size)
-RECIPES: dict[str, tuple[str, str, float, int]] = {
-    "cls-adamw-5e-3": ("cls", "adamw", 5e-3, 128),
-    "mean-adamw-5e-3": ("mean", "adamw", 5e-3, 128),
-    "mean-adamw-5e-4": ("mean", "adamw", 5e-4, 128),
-    "cls-sgd-2": ("cls", "sgd", 2.0, 128),
-    "mean-sgd-0.5": ("mean", "sgd", 0.5, 128),
-    "mean-sgd-2": ("mean", "sgd", 2.0, 128),
-    "mean-sgd-4": ("mean", "sgd", 4.0, 128),
-    "mean-sgd-2-b64": ("mean", "sgd", 2.0, 64),
+# name -> (pooling, optimizer, learning rate, batch size, trained tensors, LoRA rank);
+# trained tensors: "all" (LoRA A, B and head), "ffa" (A frozen), "head" (head only)
+RECIPES: dict[str, tuple[str, str, float, int, str, int]] = {
+    "cls-adamw-5e-3": ("cls", "adamw", 5e-3, 128, "all", 8),
+    "mean-adamw-5e-3": ("mean", "adamw", 5e-3, 128, "all", 8),
+    "mean-adamw-5e-4": ("mean", "adamw", 5e-4, 128, "all", 8),
+    "cls-sgd-2": ("cls", "sgd", 2.0, 128, "all", 8),
+    "mean-sgd-0.5": ("mean", "sgd", 0.5, 128, "all", 8),
+    "mean-sgd-2": ("mean", "sgd", 2.0, 128, "all", 8),
+    "mean-sgd-4": ("mean", "sgd", 4.0, 128, "all", 8),
+    "mean-sgd-2-b64": ("mean", "sgd", 2.0, 64, "all", 8),
+    "mean-sgd-2-ffa": ("mean", "sgd", 2.0, 128, "ffa", 8),
+    "mean-sgd-4-ffa": ("mean", "sgd", 4.0, 128, "ffa", 8),
+    "mean-sgd-2-r1": ("mean", "sgd", 2.0, 128, "all", 1),
+    "mean-sgd-8": ("mean", "sgd", 8.0, 128, "all", 8),
+    "mean-sgd-8-ffa": ("mean", "sgd", 8.0, 128, "ffa", 8),
+    "mean-sgd-16-ffa": ("mean", "sgd", 16.0, 128, "ffa", 8),
+    "mean-sgd-4-head": ("mean", "sgd", 4.0, 128, "head", 8),
+    "mean-sgd-8-head": ("mean", "sgd", 8.0, 128, "head", 8),
+    "mean-sgd-4-head-b256": ("mean", "sgd", 4.0, 256, "head", 8),
+    "mean-adamw-2e-2-head": ("mean", "adamw", 2e-2, 32, "head", 8),
 }
 
 
@@ -57,11 +68,14 @@ def split(args: argparse.Namespace) -> tuple[TextDataset, TextDataset]:
 def run(
     name: str, eps: float, train: TextDataset, test: TextDataset, args: argparse.Namespace
 ) -> dict[str, Any]:
-    pooling, optimizer, lr, batch = RECIPES[name]
+    pooling, optimizer, lr, batch, tensors, rank = RECIPES[name]
     tokenizer = load_tokenizer(None)
     enc_train, enc_test = (encode(tokenizer, d, args.seq) for d in (train, test))
-    lora = replace(LoraSettings(), pooling=pooling)
+    lora = replace(LoraSettings(), pooling=pooling, rank=rank, alpha=2.0 * rank)
     model = build_model(None, len(train.labels), lora, args.seed)
+    for pname, param in model.named_parameters():
+        if (tensors == "ffa" and ".lora_A." in pname) or (tensors == "head" and "lora_" in pname):
+            param.requires_grad_(False)
     model.train()
     settings = TrainSettings(learning_rate=lr, optimizer=optimizer, batch_size=batch)
     opt = make_optimizer(model, settings)
@@ -87,6 +101,8 @@ def run(
         "optimizer": optimizer,
         "lr": lr,
         "batch": batch,
+        "tensors": tensors,
+        "rank": rank,
         "sigma": sigma,
         "steps": result.steps,
         "acc": round(acc, 4),

@@ -54,7 +54,7 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
         cfg.update({"dp-mode": "local", "dp-target-epsilon": eps, "dp-delta": 1e-5,
                     "dp-max-grad-norm": args.clip, "optimizer": args.dp_optimizer,
                     "learning-rate": args.dp_lr, "momentum": args.dp_momentum,
-                    "batch-size": args.dp_batch,
+                    "batch-size": args.dp_batch, "strategy": args.dp_strategy or args.strategy,
                     # DP noise x a large SGD rate makes honest updates far larger
                     # than the default 10x-initial-norm guard expects.
                     "update-max-norm": args.dp_update_max_norm})
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--dp-update-max-norm", type=float, default=1000.0,
                         help="private cells: the server's update-norm guard")
     parser.add_argument("--strategy", default="fedavg")
+    parser.add_argument("--dp-strategy", default="",
+                        help="private cells' strategy (default: --strategy)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--clip", type=float, default=1.0)

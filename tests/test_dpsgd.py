@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.errors import ConfigError, PrivacyError
-from fedlora.models import install_pooling
+from fedlora.models import install_pooling, set_lora_a_trainable
 from fedlora.privacy.accounting import epsilon, steps_per_round
 from fedlora.privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
@@ -189,6 +189,50 @@ def test_mean_pooled_padded_batch_matches_per_example_reference(mode: str) -> No
     for got, want in zip(update, expected, strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_ffa_clips_over_b_and_head_only_and_never_moves_a(mode: str) -> None:
+    """FFA-LoRA under DP-SGD (the RT recipe in docs/RESULTS.md): with A frozen,
+    each example's clip norm must cover B and the head only (a norm that still
+    counted A's gradient would over-clip), and a noisy step must leave every A
+    bit-identical (noise on a frozen tensor would break FFA's exact mean)."""
+    model = tiny_lora_model()
+    set_lora_a_trainable(model, False)
+    reference = copy.deepcopy(model)
+    frozen_a = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    x_all, y_all = data(16).tensors
+    _, norms = per_example_reference(reference, x_all, y_all, 1e9, 1)
+    clip = sorted(norms)[8]  # half the examples exceed it
+    full, _ = per_example_reference(tiny_lora_model(), x_all[:1], y_all[:1], 1e9, 1)
+    assert len(full) == 6 and len(trainable(reference)) == 4  # A really left out
+    config = DPConfig(noise_multiplier=1.0, max_grad_norm=clip, grad_sample_mode=mode)
+    with pytest.warns(UserWarning, match="no differential privacy"):
+        private = wrap(model, 16, 16, config, 0.0)
+    private.optimizer.zero_grad()
+    private.criterion(private.model(input_ids=x_all).logits, y_all).backward()
+    before = [p.detach().clone() for p in private.optimizer.params]
+    private.optimizer.step()
+    update = [b - p.detach() for b, p in zip(before, private.optimizer.params, strict=True)]
+    expected, _ = per_example_reference(reference, x_all, y_all, clip, 16)
+    assert len(update) == 4  # 2 x lora_B + classifier weight and bias
+    for got, want in zip(update, expected, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # Now with noise: B and the head move, A does not.
+    noisy = tiny_lora_model()
+    set_lora_a_trainable(noisy, False)
+    b_before = {n: p.detach().clone() for n, p in noisy.named_parameters() if "lora_B" in n}
+    private = wrap(noisy, 16, 4, config, 1.0)
+    for ids, labels in private.data_loader:
+        private.optimizer.zero_grad()
+        private.criterion(private.model(input_ids=ids).logits, labels).backward()
+        private.optimizer.step()
+    for name, param in noisy.named_parameters():
+        if "lora_A" in name:
+            assert torch.equal(param.detach(), frozen_a[name]), name
+        elif "lora_B" in name:
+            assert not torch.equal(param.detach(), b_before[name]), name
 
 
 def test_noise_std_is_sigma_clip_over_batch() -> None:
