@@ -28,8 +28,16 @@ def main() -> None:
     parser.add_argument("-n", "--num-clients", type=int, default=10)
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="fedlora-demo-"))
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "-n", str(args.num_clients),
-           "-c", f"run-dir={str(run_dir)!r}".replace("'", '"')]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedlora.cli",
+        "simulate",
+        "-n",
+        str(args.num_clients),
+        "-c",
+        f"run-dir={str(run_dir)!r}".replace("'", '"'),
+    ]
     for item in args.config:
         cmd += ["-c", item]
     start = time.perf_counter()
@@ -41,18 +49,23 @@ def main() -> None:
     wall = time.perf_counter() - start
     history = RunHistory.load(run_dir)
     last = history.records[-1] if history.records else None
-    print(json.dumps({
-        "command": " ".join(cmd[1:]),
-        "exit_code": code,
-        "wall_seconds": round(wall, 1),
-        "rounds": len(history.records) - 1,
-        "final_global_accuracy": last.global_accuracy if last else None,
-        "accuracy_per_round": [r.global_accuracy for r in history.records],
-        "mb_uploaded_per_round": round(last.bytes_uploaded / 1e6, 3) if last else None,
-        "peak_rss_mb_process_tree": round(sampler.peak_rss / 2**20),
-        "peak_pss_mb_process_tree": round(sampler.peak_pss / 2**20),
-        "run_dir": str(run_dir),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "command": " ".join(cmd[1:]),
+                "exit_code": code,
+                "wall_seconds": round(wall, 1),
+                "rounds": len(history.records) - 1,
+                "final_global_accuracy": last.global_accuracy if last else None,
+                "accuracy_per_round": [r.global_accuracy for r in history.records],
+                "mb_uploaded_per_round": round(last.bytes_uploaded / 1e6, 3) if last else None,
+                "peak_rss_mb_process_tree": round(sampler.peak_rss / 2**20),
+                "peak_pss_mb_process_tree": round(sampler.peak_pss / 2**20),
+                "run_dir": str(run_dir),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

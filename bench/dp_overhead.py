@@ -57,8 +57,9 @@ def main() -> None:
     plain_opt = torch.optim.AdamW(trainable_parameters(plain), lr=1e-3)
     dp_opt = torch.optim.AdamW(trainable_parameters(private), lr=1e-3)
     loader = DataLoader(encoded, batch_size=args.batch, collate_fn=collate)
-    config = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=args.mode,
-                      poisson_sampling=False)
+    config = DPConfig(
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=args.mode, poisson_sampling=False
+    )
     wrapped = make_private(private, dp_opt, loader, config, 1.0)
 
     for _ in range(2):  # warm-up

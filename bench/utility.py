@@ -51,13 +51,22 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
         "sim-ledger-dir": str(run_dir / "ledgers"),
     }
     if math.isfinite(eps):
-        cfg.update({"dp-mode": "local", "dp-target-epsilon": eps, "dp-delta": 1e-5,
-                    "dp-max-grad-norm": args.clip, "optimizer": args.dp_optimizer,
-                    "learning-rate": args.dp_lr, "momentum": args.dp_momentum,
-                    "batch-size": args.dp_batch, "strategy": args.dp_strategy or args.strategy,
-                    # DP noise x a large SGD rate makes honest updates far larger
-                    # than the default 10x-initial-norm guard expects.
-                    "update-max-norm": args.dp_update_max_norm})
+        cfg.update(
+            {
+                "dp-mode": "local",
+                "dp-target-epsilon": eps,
+                "dp-delta": 1e-5,
+                "dp-max-grad-norm": args.clip,
+                "optimizer": args.dp_optimizer,
+                "learning-rate": args.dp_lr,
+                "momentum": args.dp_momentum,
+                "batch-size": args.dp_batch,
+                "strategy": args.dp_strategy or args.strategy,
+                # DP noise x a large SGD rate makes honest updates far larger
+                # than the default 10x-initial-norm guard expects.
+                "update-max-norm": args.dp_update_max_norm,
+            }
+        )
     start = time.perf_counter()
     status = simulate(cfg, args.clients, Resources(num_cpus=1))
     seconds = time.perf_counter() - start
@@ -90,11 +99,16 @@ def main() -> None:
     parser.add_argument("--dp-optimizer", default="sgd", help="private cells")
     parser.add_argument("--dp-momentum", type=float, default=0.0, help="private cells")
     parser.add_argument("--dp-batch", type=int, default=128, help="private cells")
-    parser.add_argument("--dp-update-max-norm", type=float, default=1000.0,
-                        help="private cells: the server's update-norm guard")
+    parser.add_argument(
+        "--dp-update-max-norm",
+        type=float,
+        default=1000.0,
+        help="private cells: the server's update-norm guard",
+    )
     parser.add_argument("--strategy", default="fedavg")
-    parser.add_argument("--dp-strategy", default="",
-                        help="private cells' strategy (default: --strategy)")
+    parser.add_argument(
+        "--dp-strategy", default="", help="private cells' strategy (default: --strategy)"
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--clip", type=float, default=1.0)
