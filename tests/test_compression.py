@@ -41,9 +41,7 @@ def _block_absmax(x: np.ndarray, block: int) -> np.ndarray:
     ("kind", "levels", "block"),
     [("int8", 127, 64), ("int8", 127, None), ("int4", 7, 64), ("int4", 7, 5)],
 )
-def test_quantisation_error_within_stated_bound(
-    kind: str, levels: int, block: int | None
-) -> None:
+def test_quantisation_error_within_stated_bound(kind: str, levels: int, block: int | None) -> None:
     state = _state()
     out = decode(encode(state, CompressionScheme(kind, block_size=block)))  # type: ignore[arg-type]
     for key, x in state.items():
@@ -57,9 +55,7 @@ def test_quantisation_error_within_stated_bound(
 def test_blocks_confine_an_outlier() -> None:
     state = _state()
     err = {
-        block: np.abs(
-            decode(encode(state, CompressionScheme("int8", block)))[A] - state[A]
-        )
+        block: np.abs(decode(encode(state, CompressionScheme("int8", block)))[A] - state[A])
         for block in (64, None)
     }
     assert err[64].mean() < err[None].mean() / 5
@@ -71,9 +67,7 @@ def test_int8_by_hand() -> None:
     # scale = 1 / 127; q = rint([127, -63.5, 31.75, 0]) (half to even).
     np.testing.assert_array_equal(enc["w::q"], np.array([127, -64, 32, 0], np.int8))
     np.testing.assert_array_equal(enc["w::scale"], f32([1 / 127]))
-    np.testing.assert_allclose(
-        decode(enc)["w"], f32([1, -64 / 127, 32 / 127, 0]), rtol=1e-6
-    )
+    np.testing.assert_allclose(decode(enc)["w"], f32([1, -64 / 127, 32 / 127, 0]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "topk", "none"])
@@ -153,9 +147,7 @@ def test_error_feedback_state_round_trip_and_shape_change() -> None:
 
 
 def test_decode_rejects_malformed_payloads() -> None:
-    good = encode(
-        {"w": np.arange(6, dtype=np.float32)}, CompressionScheme("topk", 64, 0.5)
-    )
+    good = encode({"w": np.arange(6, dtype=np.float32)}, CompressionScheme("topk", 64, 0.5))
     bad_idx = {**good, "w::idx": np.array([0, 1, 99], np.int32)}
     with pytest.raises(UpdateRejected, match="idx out of range"):
         decode(bad_idx)

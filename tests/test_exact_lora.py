@@ -90,9 +90,7 @@ def test_random_clients_are_exact_when_rank_suffices() -> None:
 
     truncated = aggregate_exact(states, weights, rank=3)
     s = np.linalg.svd(mean, compute_uv=False)
-    assert truncated.truncation_error[P] == pytest.approx(
-        np.sqrt(np.sum(s[3:] ** 2)), rel=1e-4
-    )
+    assert truncated.truncation_error[P] == pytest.approx(np.sqrt(np.sum(s[3:] ** 2)), rel=1e-4)
     assert truncated.truncation_error[P] > 0.1
 
 

@@ -39,9 +39,7 @@ def test_running_mean_streams_a_generator_and_matches_batch() -> None:
     states = [{"x": rng.normal(size=(3, 4)).astype(np.float32)} for _ in range(5)]
     weights = [3, 1, 4, 1, 5]
     streamed = weighted_mean((s for s in states), weights)
-    expected = sum(
-        w * s["x"].astype(np.float64) for s, w in zip(states, weights, strict=True)
-    )
+    expected = sum(w * s["x"].astype(np.float64) for s, w in zip(states, weights, strict=True))
     np.testing.assert_allclose(streamed["x"], expected / sum(weights), rtol=1e-6)
 
     running = RunningMean()

@@ -152,3 +152,25 @@ def test_robust_aggregation_shrugs_off_a_sign_flipping_client_fedavg_does_not(
     assert clean > 0.9  # the task is learnt
     assert abs(attacked_robust - clean) <= 0.02, (clean, attacked_robust)
     assert clean - attacked_fedavg > 0.3, (clean, attacked_fedavg)
+
+
+def test_update_max_norm_guards_ffa_lora_runs_too(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    """FFA replies are decoded by the strategy, not the server's reply filter;
+    the operator's update-max-norm must still reject (here: every) update."""
+    init = adapter_state(build_model(tiny_model_dir, 4, LoraSettings(), 42))
+    norm = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in init.values())))
+    cfg = _overrides(
+        tiny_model_dir,
+        text_csv,
+        tmp_path / "run",
+        strategy="ffa-lora",
+        **{"num-server-rounds": 1, "update-max-norm": norm / 2},
+    )
+    status = simulate(cfg, 3, Resources(num_cpus=1))
+    assert status["status"] == "stopped", status
+    assert "update-max-norm" in status["reason"] and "only 0 of 3" in status["reason"], status
+    failures = status["reason"].split("failures: ")[1].split("; partition-")
+    assert len(failures) == 3, status
+    assert all("update rejected: L2 norm of the update is" in f for f in failures), status

@@ -182,6 +182,24 @@ def test_ffa_leaves_out_a_client_that_trained_a() -> None:
     np.testing.assert_allclose(arrays[B].numpy(), [[1.0], [1.0]])
 
 
+def test_ffa_applies_update_max_norm_to_the_whole_adapter(caplog: pytest.LogCaptureFixture) -> None:
+    """FFA replies carry B and the head only; the server's norm guard must still
+    apply, to the adapter the reply implies (the frozen A from the global)."""
+    glob = {A: f32([[3.0, 4.0]]), B: f32([[0.0], [0.0]]), HEAD: f32([0.0, 0.0])}  # |A| = 5
+    small = {B: f32([[0.0], [0.0]]), HEAD: f32([0.0, 12.0])}  # whole: sqrt(25 + 144) = 13
+    large = {B: f32([[0.0], [0.0]]), HEAD: f32([0.0, 12.1])}  # whole: 13.09
+    strategy = build_strategy("ffa-lora")
+    strategy.sent.max_norm = 13.05
+    sent = configure(strategy, record(glob), FakeGrid({1: {}, 2: {}}, {}))
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply_to(sent[0], small, 1), reply_to(sent[1], large, 1)]
+    )
+    assert arrays is not None and metrics is not None
+    assert metrics[METRIC_REJECTED] == 1
+    np.testing.assert_allclose(arrays[HEAD].numpy(), [0.0, 12.0])
+    assert "L2 norm of the update is 13.09, above the limit 13.05 (update-max-norm" in caplog.text
+
+
 # ----------------------------------------------------------------- hetero-rank
 def test_hetero_rank_round_trip_by_hand() -> None:
     # Node 1 says (node config) it trains at rank 1, node 2 at rank 2; global rank 2.

@@ -13,8 +13,8 @@ from fedlora.server.validation import (
     check_update,
     expected_from_state,
     make_update_validator,
-    state_norm,
 )
+from fedlora.strategies.lora_math import state_norm
 
 A = "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
 B = "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"

@@ -68,7 +68,13 @@ from fedlora.server.secagg import (
     SecureAggregationFailed,
     run_secagg_rounds,
 )
-from fedlora.server.validation import expected_from_state, make_update_validator, state_norm
+from fedlora.server.validation import (
+    expected_from_state,
+    make_decoded_filter,
+    make_update_validator,
+)
+from fedlora.strategies.compressed import SentArrays
+from fedlora.strategies.lora_math import state_norm
 from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")
@@ -200,7 +206,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
                     evaluator,
                     on_round,
                     first_round=first_round,
-                    reply_filter=_update_validator(cfg, arrays),
+                    reply_filter=_update_validator(cfg, arrays, strategy),
                 )
         except (RunStopped, SecureAggregationFailed) as stop:
             status, reason = "stopped", str(stop)
@@ -225,17 +231,22 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
         raise
 
 
-def _update_validator(cfg: RunConfig, arrays: ArrayRecord) -> Any:
+def _update_validator(cfg: RunConfig, arrays: ArrayRecord, strategy: Any) -> Any:
     """Reject malformed or absurd updates before they reach the strategy.
 
-    Only where every reply carries the full adapter as sent: compressed
-    uploads and strategies with partial or per-site payloads (ffa-lora,
-    hetero-rank) are checked by their own decoders instead.
+    Where every reply carries the full adapter as sent, the server checks it
+    against the initial adapter. Compressed uploads and strategies with
+    partial or per-site payloads (ffa-lora, hetero-rank) are checked by their
+    own decoder (:class:`SentArrays`) under the same norm limit.
     """
-    if cfg.train.compression != "none" or cfg.strategy in ("ffa-lora", "hetero-rank"):
-        return None
     init = arrays_to_state(arrays)
     max_norm = cfg.update_max_norm or 10 * state_norm(init)
+    sent = getattr(strategy, "sent", None)
+    if isinstance(sent, SentArrays):
+        sent.max_norm = max_norm
+        partial = cfg.train.compression != "none" or cfg.strategy in ("ffa-lora", "hetero-rank")
+        if partial:
+            return make_decoded_filter(sent.state_of)
     return make_update_validator(expected_from_state(init), max_norm=max_norm)
 
 

@@ -43,6 +43,7 @@ from flwr.app import ArrayRecord, Message
 
 from fedlora.config import ARRAYS_KEY
 from fedlora.server.loop import ReplyFilter
+from fedlora.strategies.lora_math import norm_excess
 
 Shape = tuple[int, ...]
 Expected = Mapping[str, tuple[Sequence[int], Any]]
@@ -54,15 +55,6 @@ _MAX_NAMES_SHOWN = 5
 def expected_from_state(state: Mapping[str, np.ndarray]) -> dict[str, tuple[Shape, np.dtype]]:
     """The ``expected`` argument for a reference state (e.g. the initial adapter)."""
     return {name: (tuple(arr.shape), arr.dtype) for name, arr in state.items()}
-
-
-def state_norm(state: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of all tensors of a state taken together, in float64."""
-    total = 0.0
-    for arr in state.values():
-        flat = np.asarray(arr, dtype=np.float64).ravel()
-        total += float(np.dot(flat, flat))
-    return math.sqrt(total)
 
 
 def check_update(
@@ -106,14 +98,7 @@ def check_update(
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             return f"tensor {name!r} has {bad} non-finite value(s) (NaN or inf)"
-    norm = state_norm(state)
-    if norm > max_norm:
-        return (
-            f"L2 norm of the update is {norm:.4g}, above the limit {max_norm:.4g} "
-            "(update-max-norm; raise it if honest updates are this large, e.g. DP-SGD "
-            "noise at a large learning rate)"
-        )
-    return None
+    return norm_excess(state, max_norm)
 
 
 def decode_reply(msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None]:
@@ -183,6 +168,36 @@ def make_update_validator(
                 kept.append(msg)
             else:
                 rejected.append(f"node {msg.metadata.src_node_id}: update rejected: {reason}")
+        return kept, rejected
+
+    return validate
+
+
+def make_decoded_filter(decode: Callable[[Message], object]) -> ReplyFilter:
+    """A reply filter for strategies that decode replies themselves.
+
+    Compressed deltas and partial payloads (FFA's B and head, heterogeneous
+    ranks) are checked by the strategy's decoder (``SentArrays.state_of``:
+    names, shapes, finiteness, ``update-max-norm`` on the adapter the reply
+    implies). Running it here as well puts its rejections where every other
+    rejection goes: the round's failures, and ``RunStopped`` when too few
+    updates remain.
+    """
+
+    def validate(server_round: int, replies: list[Message]) -> tuple[list[Message], list[str]]:
+        kept: list[Message] = []
+        rejected: list[str] = []
+        for msg in replies:
+            try:
+                decode(msg)
+            except (ValueError, TypeError) as err:  # UpdateRejected is a ValueError
+                node = f"node {msg.metadata.src_node_id}"
+                reason = str(err)  # decoders name the node first; say it once
+                if reason.startswith(node):
+                    reason = reason[len(node) :].lstrip(": ")
+                rejected.append(f"{node}: update rejected: {reason}")
+            else:
+                kept.append(msg)
         return kept, rejected
 
     return validate

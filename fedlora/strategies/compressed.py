@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -48,7 +49,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora.compression import SEPARATOR, decode
 from fedlora.errors import UpdateRejected
-from fedlora.strategies.lora_math import State
+from fedlora.strategies.lora_math import State, norm_excess
 from fedlora.strategies.protocol import KEY_DECODES_COMPRESSED
 
 log = logging.getLogger("fedlora.server")
@@ -97,8 +98,11 @@ class SentArrays:
     ranks) hold one record per distinct payload.
     """
 
-    def __init__(self, arrayrecord_key: str) -> None:
+    def __init__(self, arrayrecord_key: str, max_norm: float = math.inf) -> None:
         self.arrayrecord_key = arrayrecord_key
+        # The server's update-max-norm, on the whole adapter the reply implies
+        # (a partial payload is completed from what the node was sent).
+        self.max_norm = max_norm
         self._by_node: dict[int, ArrayRecord] = {}
 
     def remember(self, messages: Iterable[Message]) -> None:
@@ -142,7 +146,8 @@ class SentArrays:
         ------
         UpdateRejected
             If the reply has no single ArrayRecord, a payload does not decode,
-            or a tensor is unknown, mis-shaped or not finite.
+            or a tensor is unknown, mis-shaped or not finite, or the adapter
+            it implies is above ``max_norm``.
         """
         node = reply.metadata.src_node_id
         records = reply.content.array_records
@@ -163,6 +168,11 @@ class SentArrays:
         else:
             state = record_state(record)
         _check_against(state, base, f"node {node}")
+        if math.isfinite(self.max_norm):
+            whole = {**{k: v.numpy() for k, v in base.items() if k not in state}, **state}
+            excess = norm_excess(whole, self.max_norm)
+            if excess is not None:
+                raise UpdateRejected(f"node {node}: {excess}")
         return state
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "is_lora_b",
     "lora_pairs",
     "lora_scaling",
+    "norm_excess",
+    "state_norm",
     "weighted_mean",
     "zip_weighted",
 ]
@@ -51,6 +53,32 @@ State = dict[str, np.ndarray]
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
+
+
+def state_norm(state: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of all tensors of a state taken together, in float64."""
+    total = 0.0
+    for arr in state.values():
+        flat = np.asarray(arr, dtype=np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def norm_excess(state: Mapping[str, np.ndarray], max_norm: float) -> str | None:
+    """Why ``state`` is too large for the server's guard (``update-max-norm``), or None.
+
+    One rule for every path an update reaches the server by (plain replies,
+    compressed deltas, FFA's and heterogeneous ranks' partial payloads), so
+    the operator's limit never silently stops applying.
+    """
+    norm = state_norm(state)
+    if norm > max_norm:
+        return (
+            f"L2 norm of the update is {norm:.4g}, above the limit {max_norm:.4g} "
+            "(update-max-norm; raise it if honest updates are this large, e.g. DP-SGD "
+            "noise at a large learning rate)"
+        )
+    return None
 
 
 def is_lora_a(key: str) -> bool:
