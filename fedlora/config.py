@@ -369,8 +369,10 @@ class RunConfig:
             problems = []
             if self.train.compression != "none":
                 problems.append(f"compression={self.train.compression} (SecAgg+ quantises itself)")
-            if self.strategy != "fedavg":
-                problems.append(f"strategy={self.strategy} (SecAgg+ computes a sum: use fedavg)")
+            if self.strategy not in ("fedavg", "ffa-lora"):
+                problems.append(
+                    f"strategy={self.strategy} (SecAgg+ computes a sum: use fedavg or ffa-lora)"
+                )
             if self.privacy.dp_mode.startswith("central-server") or self.privacy.dp_mode in (
                 "central-client-adaptive",
             ):

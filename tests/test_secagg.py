@@ -23,6 +23,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.compat.common import recorddict_compat as compat
 
 from fedlora.client import secagg as client_secagg
+from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DataError
 from fedlora.server.secagg import SecAggRound, SecAggSettings, aggregate_error_bound
 
@@ -175,6 +176,18 @@ def test_settings_refuse_unsafe_or_unsummable_choices() -> None:
     with pytest.raises(ConfigError, match="wrap around"):
         SecAggSettings().check_nodes(1024)
     SecAggSettings().check_nodes(3)
+
+
+def test_run_config_refuses_what_secagg_cannot_sum() -> None:
+    """Each incompatibility is named with its key and value, all at once."""
+    ok = {"secagg": True, "max-train-examples": 64, "min-train-nodes": 3}
+    RunConfig.from_flat({**ok, "strategy": "ffa-lora"})  # a sum of B updates: fine
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flat(
+            {**ok, "strategy": "fedavgm", "compression": "int8", "min-train-nodes": 2}
+        )
+    for part in ("strategy=fedavgm", "compression=int8", "min-train-nodes=2"):
+        assert part in str(err.value)
 
 
 def _fit_message(state: dict[str, np.ndarray], config: dict[str, Any]) -> Message:

@@ -55,3 +55,25 @@ def test_secure_aggregate_matches_plain_fedavg(
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     assert worst <= bound + 1e-6, (worst, bound)
     assert any(not np.allclose(a[k], 0) for k in a)
+
+
+def test_ffa_lora_over_secagg_keeps_a_bit_for_bit(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    """The DP recipe (FFA-LoRA) under SecAgg+: nodes, whose replies leave A
+    out, must send a zero update for it, A must come back bit-for-bit (the
+    server also pins it, should quantisation ever turn a zero into a
+    rounding error), and B must still move by the secure mean."""
+    from fedlora.config import RunConfig
+    from fedlora.models import adapter_state, build_model
+
+    cfg = _cfg(tiny_model_dir, text_csv, tmp_path / "ffa", secagg=True, strategy="ffa-lora")
+    init = adapter_state(
+        build_model(tiny_model_dir, 3, RunConfig.from_flat(cfg).lora, 9)
+    )  # 3 labels
+    status = simulate(cfg, 3, Resources(num_cpus=1))
+    assert status["status"] == "completed", status
+    final = _adapter(tmp_path / "ffa")
+    a_keys = [k for k in final if ".lora_A." in k]
+    assert a_keys and all(final[k].tobytes() == init[k].tobytes() for k in a_keys)
+    assert any(not np.array_equal(final[k], init[k]) for k in final if ".lora_B." in k)

@@ -52,6 +52,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.strategies.lora_math import is_lora_a
 
 State = dict[str, np.ndarray]
 Scalar = bool | int | float | str | bytes
@@ -270,6 +271,8 @@ def fedlora_secagg_train(
     if reply.has_error():
         return reply
     trained = arrays_to_state(reply.content.array_records[ARRAYS_KEY])
+    # FFA-LoRA replies leave out the frozen A factors: their update is zero.
+    trained = {**{k: global_state[k] for k in names if is_lora_a(k)}, **trained}
     metrics: dict[str, Scalar] = {}
     for record in reply.content.metric_records.values():
         metrics.update({k: v for k, v in record.items() if isinstance(v, int | float)})

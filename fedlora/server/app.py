@@ -74,7 +74,7 @@ from fedlora.server.validation import (
     make_update_validator,
 )
 from fedlora.strategies.compressed import SentArrays
-from fedlora.strategies.lora_math import state_norm
+from fedlora.strategies.lora_math import is_lora_a, state_norm
 from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")
@@ -258,7 +258,11 @@ def _run_secagg(
     on_round: Any,
     first_round: int,
 ) -> None:
-    """FedAvg over Flower's SecAgg+: the server only ever sees the masked sum."""
+    """FedAvg over Flower's SecAgg+: the server only ever sees the masked sum.
+
+    Under ``strategy=ffa-lora`` nodes send a zero update for the frozen A
+    factors and the server keeps A bit-for-bit (FFA's exact mean of B).
+    """
     sites = SiteRegistry()
     settings = SecAggSettings(
         clipping_range=cfg.secagg_clipping_range,
@@ -315,6 +319,7 @@ def _run_secagg(
         first_round=first_round,
         select=select,
         wait_timeout=cfg.round_timeout,
+        frozen=[k for k in arrays if is_lora_a(k)] if cfg.strategy == "ffa-lora" else [],
     )
 
 

@@ -276,6 +276,7 @@ def run_secagg_rounds(
     select: SelectFn | None = None,
     train_config: Mapping[str, Scalar] | None = None,
     wait_timeout: float = 3600.0,
+    frozen: Iterable[str] = (),
 ) -> State:
     """Rounds ``first_round..num_rounds`` of FedAvg over SecAgg+; returns the final adapter.
 
@@ -302,6 +303,9 @@ def run_secagg_rounds(
         Extra scalars for the nodes' fit config (``server-round`` is added).
     wait_timeout : float
         Seconds to wait for ``min_nodes`` nodes before each round.
+    frozen : iterable of str
+        Tensors nobody trains (FFA-LoRA's A): nodes send a zero update, and
+        the server keeps them bit-for-bit rather than trust a quantised zero.
 
     Raises
     ------
@@ -317,6 +321,7 @@ def run_secagg_rounds(
     if not names:
         raise ConfigError("initial adapter state is empty")
     state = {k: np.array(v, copy=True) for k, v in initial.items()}
+    keep = [n for n in frozen if n in state]
     for rnd in range(first_round, num_rounds + 1):
         start = time.perf_counter()
         connected = sorted(wait_for_nodes(grid, min_nodes, wait_timeout))
@@ -346,7 +351,7 @@ def run_secagg_rounds(
                 f"round {rnd}: only {len(collector.results)} node(s) contributed "
                 f"(min {min_nodes}); failures: " + "; ".join(failures)
             )
-        state = _apply(state, names, collector.mean)
+        state = {**_apply(state, names, collector.mean), **{n: state[n] for n in keep}}
         contributed = sorted(node for node, _, _ in collector.results)
         outcome = SecAggRound(
             server_round=rnd,
