@@ -25,6 +25,7 @@ from fedlora.privacy.dpsgd import (
     DPConfig,
     ReproducibleNoiseWarning,
     make_private,
+    recipe_advice,
     resolve_noise_multiplier,
     trainable_device,
 )
@@ -436,3 +437,11 @@ def test_dpconfig_defaults_and_metadata() -> None:
     assert all(f.metadata["key"].startswith("privacy-") for f in dataclasses.fields(config))
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.noise_multiplier = 2.0  # type: ignore[misc]
+
+
+def test_recipe_advice_names_the_fix_for_each_known_loss() -> None:
+    assert recipe_advice("sgd", trains_lora_a=False) == []  # the documented recipe
+    adam, both = recipe_advice("adamw", trains_lora_a=True)
+    assert "optimizer=adamw" in adam and "optimizer=sgd" in adam
+    assert "strategy=ffa-lora" in both
+    assert recipe_advice("sgd", trains_lora_a=True) == [both]

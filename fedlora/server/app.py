@@ -49,6 +49,7 @@ from fedlora.models import (
     resolve_pooling,
 )
 from fedlora.privacy.central import central_epsilon, wrap_central
+from fedlora.privacy.dpsgd import recipe_advice
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.ensemble import EnsembleEvaluator
 from fedlora.server.history import RoundRecord, RunHistory
@@ -75,7 +76,8 @@ from fedlora.server.validation import (
 )
 from fedlora.strategies.compressed import SentArrays
 from fedlora.strategies.lora_math import is_lora_a, state_norm
-from fedlora.strategies.registry import build_strategy
+from fedlora.strategies.protocol import MODE_FFA
+from fedlora.strategies.registry import build_strategy, client_mode
 
 log = logging.getLogger("fedlora.server")
 
@@ -133,6 +135,9 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
         strategy = build_strategy(
             cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate, cfg.train.compression
         )
+        if cfg.privacy.dp_mode == "local":
+            for line in recipe_advice(cfg.train.optimizer, client_mode(cfg.strategy) != MODE_FFA):
+                log.warning("%s", line)
         if cfg.privacy.dp_mode.startswith("central"):
             population = len(wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout))
             per_round = max(math.ceil(cfg.fraction_train * population), cfg.min_train_nodes)
