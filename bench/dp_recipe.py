@@ -54,6 +54,10 @@ RECIPES: dict[str, tuple[str, str, float, int, str, int]] = {
     "mean-sgd-8-head": ("mean", "sgd", 8.0, 128, "head", 8),
     "mean-sgd-4-head-b256": ("mean", "sgd", 4.0, 256, "head", 8),
     "mean-adamw-2e-2-head": ("mean", "adamw", 2e-2, 32, "head", 8),
+    # "ffa/x": FFA with LoRA B at x times the head's rate
+    "mean-sgd-8-ffa/0.25": ("mean", "sgd", 8.0, 128, "ffa/0.25", 8),
+    "mean-sgd-8-ffa/0.125": ("mean", "sgd", 8.0, 128, "ffa/0.125", 8),
+    "mean-sgd-8-ffa/0.5": ("mean", "sgd", 8.0, 128, "ffa/0.5", 8),
 }
 
 
@@ -74,11 +78,23 @@ def run(
     lora = replace(LoraSettings(), pooling=pooling, rank=rank, alpha=2.0 * rank)
     model = build_model(None, len(train.labels), lora, args.seed)
     for pname, param in model.named_parameters():
-        if (tensors == "ffa" and ".lora_A." in pname) or (tensors == "head" and "lora_" in pname):
+        if (tensors.startswith("ffa") and ".lora_A." in pname) or (
+            tensors == "head" and "lora_" in pname
+        ):
             param.requires_grad_(False)
     model.train()
     settings = TrainSettings(learning_rate=lr, optimizer=optimizer, batch_size=batch)
     opt = make_optimizer(model, settings)
+    if "/" in tensors:  # LoRA tensors at a fraction of the head's rate
+        ratio = float(tensors.split("/")[1])
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.SGD(
+            [
+                {"params": [p for n, p in named if "lora_" not in n]},
+                {"params": [p for n, p in named if "lora_" in n], "lr": lr * ratio},
+            ],
+            lr=lr,
+        )
     generator = torch.Generator().manual_seed(args.seed)
     loader = make_loader(enc_train, batch, shuffle=True, generator=generator)
     sigma = None
