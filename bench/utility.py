@@ -121,7 +121,24 @@ def main() -> None:
         for raw in args.epsilons.split(","):
             rows.append(cell(dataset, float(raw), args))
             print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps({"recipe": vars(args), "results": rows}, indent=2))
+    print(json.dumps({"recipe": vars(args), "results": rows, "gaps": gaps(rows)}, indent=2))
+
+
+def gaps(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Points each private cell's final accuracy lies below the same dataset's ε = inf cell."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        ref = next(
+            (r for r in rows if r["dataset"] == row["dataset"] and r["epsilon_target"] == "inf"),
+            None,
+        )
+        if row["epsilon_target"] == "inf" or ref is None:
+            continue
+        if ref["final_accuracy"] is None or row["final_accuracy"] is None:
+            continue
+        points = 100 * (ref["final_accuracy"] - row["final_accuracy"])
+        out.setdefault(row["dataset"], {})[str(row["epsilon_target"])] = round(points, 2)
+    return out
 
 
 if __name__ == "__main__":
