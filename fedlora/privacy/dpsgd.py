@@ -158,15 +158,16 @@ def recipe_advice(optimizer: str, trains_lora_a: bool) -> list[str]:
     A warning, not an error: the run is private either way, only likely to
     learn less. Measured on Rotten Tomatoes at ε=8 (docs/RESULTS.md): AdamW
     predicted the majority class in every configuration tried; training A
-    as well as B (FedAvg instead of FFA-LoRA) was 7.6 points behind the
-    non-private run instead of 5.
+    as well as B (FedAvg instead of FFA-LoRA) left the private run 7.6 points
+    behind the non-private one instead of 5.0 (same seed).
     """
     advice = []
     if optimizer == "adamw":
         advice.append(
             "dp-mode=local with optimizer=adamw: Adam rescales every coordinate, so "
             "noise-only coordinates random-walk and private runs tend to learn nothing; "
-            "use optimizer=sgd learning-rate=4.0 batch-size=128 (README: the DP recipe)"
+            "use optimizer=sgd (README's DP recipe: strategy=ffa-lora optimizer=sgd "
+            "learning-rate=4.0 batch-size=128)"
         )
     if trains_lora_a:
         advice.append(
