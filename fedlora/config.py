@@ -357,9 +357,7 @@ class RunConfig:
         )
         _require(self.ensemble_size >= 2, "ensemble-size", self.ensemble_size, ">= 2")
         _require(self.update_max_norm >= 0, "update-max-norm", self.update_max_norm, ">= 0")
-        if self.ensemble == "sites" and (
-            self.train.compression != "none" or self.strategy in ("ffa-lora", "hetero-rank")
-        ):
+        if self.ensemble == "sites" and self.partial_replies:
             raise ConfigError(
                 "ensemble=sites needs each site's full adapter in its reply; it does not fit "
                 f"compression={self.train.compression} or strategy={self.strategy}. "
@@ -460,6 +458,13 @@ class RunConfig:
     def run_path(self) -> Path:
         """The run directory as a path."""
         return Path(self.run_dir)
+
+    @property
+    def partial_replies(self) -> bool:
+        """Whether train replies carry something other than the full adapter as
+        sent (compressed deltas; FFA-LoRA's and hetero-rank's partial or per-site
+        payloads), so only the strategy's decoder can read them."""
+        return self.train.compression != "none" or self.strategy in ("ffa-lora", "hetero-rank")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

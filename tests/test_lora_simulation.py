@@ -15,11 +15,12 @@ from conftest import make_text_csv
 
 from fedlora.client.app import payload_bytes
 from fedlora.compression import CompressionScheme, encode
-from fedlora.config import LoraSettings
+from fedlora.config import LoraSettings, RunConfig
 from fedlora.models import adapter_state, build_model
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
 from fedlora.strategies.compressed import encoded_record
+from fedlora.strategies.lora_math import state_norm
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -159,15 +160,12 @@ def test_update_max_norm_guards_ffa_lora_runs_too(
 ) -> None:
     """FFA replies are decoded by the strategy, not the server's reply filter;
     the operator's update-max-norm must still reject (here: every) update."""
-    init = adapter_state(build_model(tiny_model_dir, 4, LoraSettings(), 42))
-    norm = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in init.values())))
     cfg = _overrides(
-        tiny_model_dir,
-        text_csv,
-        tmp_path / "run",
-        strategy="ffa-lora",
-        **{"num-server-rounds": 1, "update-max-norm": norm / 2},
+        tiny_model_dir, text_csv, tmp_path / "run", strategy="ffa-lora", **{"num-server-rounds": 1}
     )
+    run = RunConfig.from_flat(cfg)
+    init = adapter_state(build_model(tiny_model_dir, 3, run.lora, run.seed))  # 3 labels
+    cfg["update-max-norm"] = state_norm(init) / 2  # below even the untrained adapter
     status = simulate(cfg, 3, Resources(num_cpus=1))
     assert status["status"] == "stopped", status
     assert "update-max-norm" in status["reason"] and "only 0 of 3" in status["reason"], status

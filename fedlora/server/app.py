@@ -249,8 +249,7 @@ def _update_validator(cfg: RunConfig, arrays: ArrayRecord, strategy: Any) -> Any
     sent = getattr(strategy, "sent", None)
     if isinstance(sent, SentArrays):
         sent.max_norm = max_norm
-        partial = cfg.train.compression != "none" or cfg.strategy in ("ffa-lora", "hetero-rank")
-        if partial:
+        if cfg.partial_replies:
             return make_decoded_filter(sent.state_of)
     return make_update_validator(expected_from_state(init), max_norm=max_norm)
 
@@ -324,7 +323,7 @@ def _run_secagg(
         first_round=first_round,
         select=select,
         wait_timeout=cfg.round_timeout,
-        frozen=[k for k in arrays if is_lora_a(k)] if cfg.strategy == "ffa-lora" else [],
+        frozen=[k for k in arrays if is_lora_a(k)] if client_mode(cfg.strategy) == MODE_FFA else [],
     )
 
 
