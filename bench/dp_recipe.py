@@ -58,7 +58,15 @@ RECIPES: dict[str, tuple[str, str, float, int, str, int]] = {
     "mean-sgd-8-ffa/0.25": ("mean", "sgd", 8.0, 128, "ffa/0.25", 8),
     "mean-sgd-8-ffa/0.125": ("mean", "sgd", 8.0, 128, "ffa/0.125", 8),
     "mean-sgd-8-ffa/0.5": ("mean", "sgd", 8.0, 128, "ffa/0.5", 8),
+    "mean-adamw-5e-3-b32": ("mean", "adamw", 5e-3, 32, "all", 8),
+    "mean-adamw-5e-3-ffa-b32": ("mean", "adamw", 5e-3, 32, "ffa", 8),
+    "mean-sgd-1-ffa-b32": ("mean", "sgd", 1.0, 32, "ffa", 8),
+    "mean-sgd-2-ffa-b64": ("mean", "sgd", 2.0, 64, "ffa", 8),
+    "mean-sgd-0.4-ffa-m0.9": ("mean", "sgd", 0.4, 128, "ffa", 8),
+    "mean-sgd-1-ffa-m0.75": ("mean", "sgd", 1.0, 128, "ffa", 8),
 }
+# SGD momentum for the recipes that use it (0 elsewhere)
+MOMENTUM = {"mean-sgd-0.4-ffa-m0.9": 0.9, "mean-sgd-1-ffa-m0.75": 0.75}
 
 
 def split(args: argparse.Namespace) -> tuple[TextDataset, TextDataset]:
@@ -83,7 +91,9 @@ def run(
         ):
             param.requires_grad_(False)
     model.train()
-    settings = TrainSettings(learning_rate=lr, optimizer=optimizer, batch_size=batch)
+    settings = TrainSettings(
+        learning_rate=lr, optimizer=optimizer, batch_size=batch, momentum=MOMENTUM.get(name, 0.0)
+    )
     opt = make_optimizer(model, settings)
     if "/" in tensors:  # LoRA tensors at a fraction of the head's rate
         ratio = float(tensors.split("/")[1])

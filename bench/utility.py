@@ -65,8 +65,11 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
                 # DP noise x a large SGD rate makes honest updates far larger
                 # than the default 10x-initial-norm guard expects.
                 "update-max-norm": args.dp_update_max_norm,
+                "strategy-options": args.dp_strategy_options,
             }
         )
+        if args.dp_sigma > 0:  # a fixed noise multiplier instead of the target ε
+            cfg.update({"dp-noise-multiplier": args.dp_sigma, "dp-target-epsilon": 0.0})
     start = time.perf_counter()
     status = simulate(cfg, args.clients, Resources(num_cpus=1))
     seconds = time.perf_counter() - start
@@ -108,6 +111,14 @@ def main() -> None:
     parser.add_argument("--strategy", default="fedavg")
     parser.add_argument(
         "--dp-strategy", default="ffa-lora", help="private cells' strategy ('' = --strategy)"
+    )
+    parser.add_argument("--dp-strategy-options", default="", help="private cells' strategy-options")
+    parser.add_argument(
+        "--dp-sigma",
+        type=float,
+        default=0.0,
+        help="private cells: this noise multiplier instead of the target ε (diagnostics: "
+        "a tiny σ isolates what clipping alone costs)",
     )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seq", type=int, default=48)

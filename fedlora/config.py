@@ -371,6 +371,11 @@ class RunConfig:
                 problems.append(
                     f"strategy={self.strategy} (SecAgg+ computes a sum: use fedavg or ffa-lora)"
                 )
+            if self.strategy_options.strip():
+                problems.append(
+                    f"strategy-options={self.strategy_options!r} (SecAgg+ applies the plain "
+                    "weighted mean; the strategy's own aggregation does not run)"
+                )
             if self.privacy.dp_mode.startswith("central-server") or self.privacy.dp_mode in (
                 "central-client-adaptive",
             ):

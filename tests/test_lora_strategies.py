@@ -21,6 +21,7 @@ from flwr.app import (
 
 from fedlora.client.app import query_handler
 from fedlora.config import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
+from fedlora.errors import ConfigError
 from fedlora.server.checkpoint import dump_strategy
 from fedlora.strategies.protocol import METRIC_REJECTED, METRIC_TRUNCATION
 from fedlora.strategies.registry import build_strategy, client_mode
@@ -166,6 +167,27 @@ def test_ffa_averages_b_and_keeps_the_global_a_bit_for_bit() -> None:
     # exact: the mean delta is mean(B_i) @ A
     mean_delta = (10 * c1[B] @ glob[A] + 20 * c2[B] @ glob[A]) / 30
     np.testing.assert_allclose(arrays[B].numpy() @ arrays[A].numpy(), mean_delta, atol=1e-6)
+
+
+def test_ffa_server_learning_rate_scales_the_mean_step_and_keeps_a() -> None:
+    glob = {A: f32([[0.25, -0.5]]), B: f32([[1.0], [-1.0]]), HEAD: f32([2.0, 0.0])}
+    c1 = {B: f32([[2.0], [1.0]]), HEAD: f32([2.0, 4.0])}
+    c2 = {B: f32([[5.0], [-1.0]]), HEAD: f32([8.0, 1.0])}
+    strategy = build_strategy("ffa-lora", "server-learning-rate=2.5")
+    sent = configure(strategy, record(glob), FakeGrid({1: {}, 2: {}}, {}))
+    arrays, _ = strategy.aggregate_train(1, [reply_to(sent[0], c1, 10), reply_to(sent[1], c2, 30)])
+    assert arrays is not None
+    assert arrays[A].numpy().tobytes() == glob[A].tobytes()
+    # mean B = (2 + 3*5)/4, (1 - 3)/4 = [4.25, -0.5]; step [3.25, 0.5] x 2.5 from [1, -1]
+    np.testing.assert_allclose(arrays[B].numpy(), [[9.125], [0.25]], rtol=1e-6)
+    # mean head = [6.5, 1.75]; step [4.5, 1.75] x 2.5 from [2, 0]
+    np.testing.assert_allclose(arrays[HEAD].numpy(), [13.25, 4.375], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
+def test_ffa_server_learning_rate_must_be_positive_and_finite(bad: str) -> None:
+    with pytest.raises(ConfigError, match="server-learning-rate"):
+        build_strategy("ffa-lora", f"server-learning-rate={bad}")
 
 
 def test_ffa_leaves_out_a_client_that_trained_a() -> None:

@@ -184,9 +184,15 @@ def test_run_config_refuses_what_secagg_cannot_sum() -> None:
     RunConfig.from_flat({**ok, "strategy": "ffa-lora"})  # a sum of B updates: fine
     with pytest.raises(ConfigError) as err:
         RunConfig.from_flat(
-            {**ok, "strategy": "fedavgm", "compression": "int8", "min-train-nodes": 2}
+            {
+                **ok,
+                "strategy": "fedavgm",
+                "strategy-options": "server-momentum=0.9",
+                "compression": "int8",
+                "min-train-nodes": 2,
+            }
         )
-    for part in ("strategy=fedavgm", "compression=int8", "min-train-nodes=2"):
+    for part in ("strategy=fedavgm", "strategy-options=", "compression=int8", "min-train-nodes=2"):
         assert part in str(err.value)
 
 

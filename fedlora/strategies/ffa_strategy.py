@@ -14,14 +14,24 @@ bit-identical to the server's. Clients (``client_mode`` ffa) set
 ``requires_grad=False`` on every ``lora_A`` and send only B and the head; the
 server keeps A from the global arrays it sent. A client that sends an A which
 differs from the global one (it trained A) is left out.
+
+``server-learning-rate`` (strategy-options) scales the round's mean step
+before it is applied: ``B ← B + η_s · (mean(B_i) − B)``, the same for the
+head. With A shared this is still exactly a step of ``η_s · mean ΔW``. Under
+local DP it is the lever that per-client rates lack: each client's rate is
+capped by its *own* noise (a larger local rate makes noisy local steps
+diverge), while the server scales the *average*, whose noise is about √K
+smaller for K clients.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from flwr.app import ArrayRecord
 
-from fedlora.errors import UpdateRejected
+from fedlora.errors import ConfigError, UpdateRejected
 from fedlora.strategies.ffa_lora import aggregate_ffa, ffa_trainable_keys
 from fedlora.strategies.lora_math import State, is_lora_a
 from fedlora.strategies.lora_strategy import LoraStrategy
@@ -34,6 +44,17 @@ class FfaLora(LoraStrategy):
     """Average B and dense tensors; keep the global A unchanged."""
 
     client_mode = MODE_FFA
+
+    def __init__(
+        self, *, seed: int = 0, server_learning_rate: float = 1.0, **fedavg_kwargs: Any
+    ) -> None:
+        if not (server_learning_rate > 0 and np.isfinite(server_learning_rate)):
+            raise ConfigError(
+                f"strategy-options server-learning-rate={server_learning_rate!r} must be a "
+                "finite number > 0 (1.0 applies the clients' mean step as it is)"
+            )
+        super().__init__(seed=seed, **fedavg_kwargs)
+        self.server_learning_rate = float(server_learning_rate)
 
     def check_update(self, state: State, base: ArrayRecord, source: str) -> None:
         """B and head must all be there; an A, if sent, must be the global one."""
@@ -53,8 +74,13 @@ class FfaLora(LoraStrategy):
     def aggregate_states(
         self, server_round: int, states: list[State], weights: list[float]
     ) -> tuple[State, dict[str, float]]:
-        """Weighted mean of B and dense tensors; A from the global arrays."""
+        """Weighted mean of B and dense tensors (a step scaled by the server's rate);
+        A from the global arrays."""
         trained = [{k: v for k, v in s.items() if not is_lora_a(k)} for s in states]
         mean = aggregate_ffa(trained, weights)
-        shared_a = {k: v for k, v in self.global_state().items() if is_lora_a(k)}
+        base = self.global_state()
+        if self.server_learning_rate != 1.0:
+            rate = np.float32(self.server_learning_rate)
+            mean = {k: (base[k] + rate * (v - base[k])).astype(np.float32) for k, v in mean.items()}
+        shared_a = {k: v for k, v in base.items() if is_lora_a(k)}
         return {**shared_a, **mean}, {}
