@@ -66,6 +66,9 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
                 # than the default 10x-initial-norm guard expects.
                 "update-max-norm": args.dp_update_max_norm,
                 "strategy-options": args.dp_strategy_options,
+                # alpha = 2r keeps LoRA's scale alpha/r at the default's 2
+                "lora-rank": args.dp_lora_rank,
+                "lora-alpha": 2.0 * args.dp_lora_rank,
             }
         )
         if args.dp_sigma > 0:  # a fixed noise multiplier instead of the target ε
@@ -113,6 +116,9 @@ def main() -> None:
         "--dp-strategy", default="ffa-lora", help="private cells' strategy ('' = --strategy)"
     )
     parser.add_argument("--dp-strategy-options", default="", help="private cells' strategy-options")
+    parser.add_argument(
+        "--dp-lora-rank", type=int, default=8, help="private cells' LoRA rank (alpha = 2 x rank)"
+    )
     parser.add_argument(
         "--dp-sigma",
         type=float,
