@@ -62,6 +62,8 @@ RECIPES: dict[str, tuple[str, str, float, int, str, int]] = {
     "mean-sgd-4-ffa/4": ("mean", "sgd", 4.0, 128, "ffa/4", 8),
     "mean-sgd-4-ffa/16": ("mean", "sgd", 4.0, 128, "ffa/16", 8),
     "mean-sgd-4-ffa-r2": ("mean", "sgd", 4.0, 128, "ffa", 2),
+    "mean-sgd-6-ffa-r2": ("mean", "sgd", 6.0, 128, "ffa", 2),
+    "mean-sgd-4-ffa-r1": ("mean", "sgd", 4.0, 128, "ffa", 1),
     "mean-sgd-4-ffa-r4": ("mean", "sgd", 4.0, 128, "ffa", 4),
     "mean-sgd-4-ffa-r16": ("mean", "sgd", 4.0, 128, "ffa", 16),
     "mean-adamw-5e-3-b32": ("mean", "adamw", 5e-3, 32, "all", 8),
