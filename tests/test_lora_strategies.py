@@ -23,6 +23,7 @@ from fedlora.client.app import query_handler
 from fedlora.config import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
 from fedlora.errors import ConfigError
 from fedlora.server.checkpoint import dump_strategy
+from fedlora.server.validation import make_decoded_filter
 from fedlora.strategies.protocol import METRIC_REJECTED, METRIC_TRUNCATION
 from fedlora.strategies.registry import build_strategy, client_mode
 
@@ -220,6 +221,29 @@ def test_ffa_applies_update_max_norm_to_the_whole_adapter(caplog: pytest.LogCapt
     assert metrics[METRIC_REJECTED] == 1
     np.testing.assert_allclose(arrays[HEAD].numpy(), [0.0, 12.0])
     assert "L2 norm of the update is 13.09, above the limit 13.05 (update-max-norm" in caplog.text
+
+
+def test_ffa_trained_a_is_a_round_failure_and_replies_are_decoded_once() -> None:
+    """The server's reply filter runs the strategy's own check, so a client that
+    trained A is in the round's rejections (not only a log line); the strategy
+    then aggregates from the same decode."""
+    glob = {A: f32([[0.25, -0.5]]), B: f32([[0.0], [0.0]]), HEAD: f32([0.0, 0.0])}
+    honest = {B: f32([[1.0], [1.0]]), HEAD: f32([1.0, 1.0])}
+    trained_a = {A: f32([[0.3, -0.5]]), B: f32([[9.0], [9.0]]), HEAD: f32([9.0, 9.0])}
+    strategy = build_strategy("ffa-lora")
+    sent = configure(strategy, record(glob), FakeGrid({1: {}, 2: {}}, {}))
+    replies = [reply_to(sent[0], honest, 1), reply_to(sent[1], trained_a, 1)]
+    kept, rejections = make_decoded_filter(strategy.checked_state)(1, replies)
+    assert kept == [replies[0]]
+    assert len(rejections) == 1 and "differs from the global A" in rejections[0]
+    assert rejections[0].startswith(f"node {replies[1].metadata.src_node_id}: update rejected:")
+    first = strategy.sent.state_of(replies[0])
+    assert strategy.sent.state_of(replies[0]) is first  # remembered, not decoded again
+    assert pickle.loads(dump_strategy(strategy)).sent._decoded == {}  # not in checkpoints
+    arrays, _ = strategy.aggregate_train(1, kept)
+    assert arrays is not None
+    np.testing.assert_allclose(arrays[B].numpy(), honest[B])
+    assert strategy.sent._decoded == {}  # forgotten with the round
 
 
 # ----------------------------------------------------------------- hetero-rank

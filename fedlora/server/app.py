@@ -250,7 +250,8 @@ def _update_validator(cfg: RunConfig, arrays: ArrayRecord, strategy: Any) -> Any
     if isinstance(sent, SentArrays):
         sent.max_norm = max_norm
         if cfg.partial_replies:
-            return make_decoded_filter(sent.state_of)
+            checked = getattr(strategy, "checked_state", sent.state_of)
+            return make_decoded_filter(checked)
     return make_update_validator(expected_from_state(init), max_norm=max_norm)
 
 

@@ -104,6 +104,15 @@ class SentArrays:
         # (a partial payload is completed from what the node was sent).
         self.max_norm = max_norm
         self._by_node: dict[int, ArrayRecord] = {}
+        # Decoded replies of this round: the server's reply filter and the
+        # strategy's aggregation both ask, and decoding is not free. Keyed by
+        # the reply object, which the entry keeps alive until the round is
+        # forgotten (so its id cannot be reused meanwhile).
+        self._decoded: dict[int, tuple[Message, State]] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        # Checkpoints keep the strategy, never this round's replies.
+        return {**self.__dict__, "_decoded": {}}
 
     def remember(self, messages: Iterable[Message]) -> None:
         """Record the arrays of this round's outgoing train messages."""
@@ -112,6 +121,7 @@ class SentArrays:
             for m in messages
             if self.arrayrecord_key in m.content.array_records
         }
+        self._decoded = {}
 
     def nodes(self) -> set[int]:
         """The nodes sent arrays this round."""
@@ -120,6 +130,7 @@ class SentArrays:
     def clear(self) -> None:
         """Forget the round (keeps checkpoints of the strategy small)."""
         self._by_node = {}
+        self._decoded = {}
 
     def base_of(self, reply: Message) -> ArrayRecord:
         """The arrays the replying node was sent."""
@@ -149,6 +160,14 @@ class SentArrays:
             or a tensor is unknown, mis-shaped or not finite, or the adapter
             it implies is above ``max_norm``.
         """
+        seen = self._decoded.get(id(reply))
+        if seen is not None and seen[0] is reply:
+            return seen[1]
+        state = self._decode(reply)
+        self._decoded[id(reply)] = (reply, state)
+        return state
+
+    def _decode(self, reply: Message) -> State:
         node = reply.metadata.src_node_id
         records = reply.content.array_records
         if len(records) != 1 or self.arrayrecord_key not in records:

@@ -154,8 +154,7 @@ class LoraStrategy(FedAvg):
             source = f"node {reply.metadata.src_node_id}"
             try:
                 weight = self._weight_of(reply, source)
-                state = self.sent.state_of(reply)
-                self.check_update(state, self.sent.base_of(reply), source)
+                state = self.checked_state(reply)
             except UpdateRejected as exc:
                 log.warning("round %d: update left out: %s", server_round, exc)
                 continue
@@ -173,6 +172,17 @@ class LoraStrategy(FedAvg):
         metrics[METRIC_REJECTED] = rejected
         order = list(self.global_arrays.keys()) if self.global_arrays is not None else []
         return to_record(state, order), metrics
+
+    def checked_state(self, reply: Message) -> State:
+        """The reply's decoded state, after the strategy's own check.
+
+        The server's reply filter calls this too, so a rejection (e.g. an
+        ffa-lora client that trained A) lands in the round's failures, not
+        only in a log line; the decode is remembered for the round.
+        """
+        state = self.sent.state_of(reply)
+        self.check_update(state, self.sent.base_of(reply), f"node {reply.metadata.src_node_id}")
+        return state
 
     # -------------------------------------------------------------- helpers
     def _weight_of(self, reply: Message, source: str) -> float:
