@@ -18,7 +18,9 @@ from fedlora.errors import DataError
 from fedlora.server.history import RoundRecord, RunHistory
 from fedlora.simulations.plots import (
     load_clients,
+    load_partitions,
     load_rounds,
+    partitions_spec,
     plot_specs,
     render,
     write_plots,
@@ -176,3 +178,29 @@ def test_write_reports_and_report_command(tmp_path: Path) -> None:
     assert (tmp_path / "accuracy.png").is_file()
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2
+
+
+def test_partition_plot_stacks_each_clients_label_shares(tmp_path: Path) -> None:
+    rows = [
+        {"partition": 1, "examples": 4, "labels": {"fresh": 1, "rotten": 3}},
+        {"partition": 0, "examples": 2, "labels": {"fresh": 2, "rotten": 0}},
+    ]
+    spec = partitions_spec(rows)
+    fresh, rotten = spec.series
+    assert (fresh.label, fresh.kind, fresh.x, fresh.y) == (
+        "fresh",
+        "stack",
+        (0.0, 1.0),
+        (1.0, 0.25),
+    )
+    assert rotten.y == (0.0, 0.75)
+    assert spec.xticklabels == ("0\n2", "1\n4")  # client, examples
+    bars = render(spec).axes[0].patches
+    assert [round(b.get_y(), 6) for b in bars] == [0.0, 0.0, 1.0, 0.25]  # rotten sits on fresh
+    run = write_run(tmp_path)
+    (run / "partitions.json").write_text(json.dumps(rows))
+    assert "partitions.png" in {p.name for p in write_plots(run)}
+    assert png_size(run / "partitions.png") == (700, 420)
+    (run / "partitions.json").write_text('{"labels": 1}')
+    with pytest.raises(DataError, match="partition, examples, labels"):
+        load_partitions(run)

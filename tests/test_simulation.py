@@ -49,6 +49,11 @@ def test_simulation_completes_and_writes_metrics(finished_run: tuple[Path, dict]
     assert all(r["bytes_uploaded"] > 0 for r in rounds[1:])
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
     assert "global_accuracy" in header and "bytes_uploaded" in header
+    # what each virtual client held: the same split the clients trained on
+    parts = json.loads((run_dir / "partitions.json").read_text())
+    assert [p["partition"] for p in parts] == [0, 1, 2]
+    assert all(sum(p["labels"].values()) == p["examples"] > 0 for p in parts)
+    assert (run_dir / "partitions.png").is_file()
 
 
 def test_global_adapter_changed_and_export_reloads_identically(

@@ -61,6 +61,22 @@ def resolve_config(overrides: dict[str, Any]) -> RunConfig:
     return RunConfig.from_flat({**DEFAULTS, **overrides})
 
 
+def write_partitions(run_dir: Path, cfg: RunConfig, num_clients: int) -> Path:
+    """``partitions.json``: what each virtual client holds (examples, label counts).
+
+    The same split the clients load (:func:`fedlora.data.partition.client_partition`,
+    same data settings and seed), computed once in the driver; a bad data
+    setting fails here, before Ray starts.
+    """
+    from fedlora.data.partition import partition_summary
+    from fedlora.io import atomic_write_json
+    from fedlora.simulations.plots import PARTITIONS_JSON
+
+    rows = partition_summary(cfg.data, cfg.seed, num_clients)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(run_dir / PARTITIONS_JSON, rows)
+
+
 def simulate(
     overrides: dict[str, Any],
     num_clients: int,
@@ -83,6 +99,7 @@ def simulate(
             "lower min-train-nodes or add clients"
         )
     run_dir = Path(cfg.run_dir).resolve()
+    write_partitions(run_dir, cfg, num_clients)
     flat = {**cfg.to_flat(), "run-dir": str(run_dir)}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

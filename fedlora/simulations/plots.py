@@ -10,7 +10,10 @@ and, when present, ``clients.json``; writes PNGs next to them:
   (differential privacy spend); skipped when the run has none;
 * ``clients.png`` — per-client accuracy spread per round (each client a dot,
   min–max band, median line); skipped without ``clients.json``;
-* ``bytes.png`` — bytes uploaded per round (MB).
+* ``bytes.png`` — bytes uploaded per round (MB);
+* ``partitions.png`` — each simulated client's label shares (stacked bars,
+  example counts in the tick labels), from ``partitions.json`` (written by
+  :func:`fedlora.simulations.engine.write_partitions`); skipped without it.
 
 ``clients.json`` format (written by the server; optional)::
 
@@ -50,7 +53,15 @@ from fedlora.io import atomic_write_bytes
 from fedlora.server.history import METRICS_JSON
 
 CLIENTS_JSON = "clients.json"
-PLOT_FILES = ("accuracy.png", "loss.png", "epsilon.png", "clients.png", "bytes.png")
+PARTITIONS_JSON = "partitions.json"
+PLOT_FILES = (
+    "accuracy.png",
+    "loss.png",
+    "epsilon.png",
+    "clients.png",
+    "bytes.png",
+    "partitions.png",
+)
 COMPARISON_PNG = "comparison.png"
 
 
@@ -61,7 +72,7 @@ class Series:
     label: str
     x: tuple[float, ...]
     y: tuple[float, ...]
-    kind: Literal["line", "scatter", "bar", "band"] = "line"
+    kind: Literal["line", "scatter", "bar", "band", "stack"] = "line"
     y2: tuple[float, ...] = ()  # upper edge of a band (``y`` is the lower edge)
 
 
@@ -74,6 +85,7 @@ class PlotSpec:
     ylabel: str
     series: tuple[Series, ...] = field(default_factory=tuple)
     xlabel: str = "round"
+    xticklabels: tuple[str, ...] = ()  # one per x position 0..n-1 (default: numbers)
 
 
 # ---------------------------------------------------------------- reading
@@ -104,6 +116,22 @@ def load_clients(run_dir: str | Path) -> list[dict[str, Any]] | None:
     rows = data.get("clients") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{path} must be a JSON list of objects with round, site, accuracy")
+    return rows
+
+
+def load_partitions(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """Rows of ``partitions.json`` (``partition``, ``examples``, ``labels``), or None."""
+    path = Path(run_dir) / PARTITIONS_JSON
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("labels"), dict) for r in rows
+    ):
+        raise DataError(f"{path} must be a JSON list of objects with partition, examples, labels")
     return rows
 
 
@@ -198,14 +226,40 @@ def _bytes_spec(rounds: Sequence[dict[str, Any]]) -> PlotSpec:
     )
 
 
+def partitions_spec(partitions: Sequence[dict[str, Any]]) -> PlotSpec:
+    """Label shares per client: one stacked series per label, x = partition."""
+    rows = sorted(partitions, key=lambda r: int(r["partition"]))
+    names = list(dict.fromkeys(name for r in rows for name in r["labels"]))
+    x = tuple(float(i) for i in range(len(rows)))
+    series = []
+    for name in names:
+        shares = tuple(
+            r["labels"].get(name, 0) / r["examples"] if r["examples"] else 0.0 for r in rows
+        )
+        series.append(Series(str(name), x, shares, "stack"))
+    ticks = tuple(f"{int(r['partition'])}\n{int(r['examples'])}" for r in rows)
+    return PlotSpec(
+        "partitions.png",
+        "Label shares per client (tick: client, examples)",
+        "share of the client's examples",
+        tuple(series),
+        xlabel="client",
+        xticklabels=ticks,
+    )
+
+
 def plot_specs(
-    rounds: Sequence[dict[str, Any]], clients: Sequence[dict[str, Any]] | None = None
+    rounds: Sequence[dict[str, Any]],
+    clients: Sequence[dict[str, Any]] | None = None,
+    partitions: Sequence[dict[str, Any]] | None = None,
 ) -> list[PlotSpec]:
     """The plots a run supports, as data (no drawing); plots without data are left out."""
     specs = [_metric_spec(rounds, "accuracy"), _metric_spec(rounds, "loss")]
     optional = (_epsilon_spec(rounds), _clients_spec(clients) if clients else None)
     specs.extend(s for s in optional if s is not None)
     specs.append(_bytes_spec(rounds))
+    if partitions:
+        specs.append(partitions_spec(partitions))
     return [s for s in specs if s.series]
 
 
@@ -230,8 +284,13 @@ def render(spec: PlotSpec) -> Any:
     fig = Figure(figsize=(7.0, 4.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    stacked: list[float] = []
     for s in spec.series:
-        if s.kind == "bar":
+        if s.kind == "stack":
+            stacked = stacked or [0.0] * len(s.y)
+            ax.bar(s.x, s.y, width=0.8, bottom=stacked, label=s.label)
+            stacked = [b + y for b, y in zip(stacked, s.y, strict=True)]
+        elif s.kind == "bar":
             ax.bar(s.x, s.y, width=0.6, label=s.label, color="tab:blue")
         elif s.kind == "scatter":
             ax.scatter(s.x, s.y, s=12, alpha=0.5, color="tab:gray", label=s.label)
@@ -242,7 +301,10 @@ def render(spec: PlotSpec) -> Any:
     ax.set_title(spec.title)
     ax.set_xlabel(spec.xlabel)
     ax.set_ylabel(spec.ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+    if spec.xticklabels:
+        ax.set_xticks(range(len(spec.xticklabels)), spec.xticklabels, fontsize="x-small")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.grid(True, alpha=0.3)
     if len(spec.series) > 1:
         # Many sweep cells would cover the plot; put their legend underneath.
@@ -270,7 +332,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     so the folder never shows a stale picture next to fresh metrics.
     """
     run_dir = Path(run_dir)
-    specs = plot_specs(load_rounds(run_dir), load_clients(run_dir))
+    specs = plot_specs(load_rounds(run_dir), load_clients(run_dir), load_partitions(run_dir))
     written = [save_png(spec, run_dir) for spec in specs]
     for name in set(PLOT_FILES) - {spec.filename for spec in specs}:
         (run_dir / name).unlink(missing_ok=True)
