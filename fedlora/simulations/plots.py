@@ -109,14 +109,19 @@ def load_clients(run_dir: str | Path) -> list[dict[str, Any]] | None:
     path = Path(run_dir) / CLIENTS_JSON
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc})") from None
+    data = _read_json(path)
     rows = data.get("clients") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{path} must be a JSON list of objects with round, site, accuracy")
     return rows
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed file; a file that is not JSON is a DataError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc})") from None
 
 
 def load_partitions(run_dir: str | Path) -> list[dict[str, Any]] | None:
@@ -124,10 +129,7 @@ def load_partitions(run_dir: str | Path) -> list[dict[str, Any]] | None:
     path = Path(run_dir) / PARTITIONS_JSON
     if not path.is_file():
         return None
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc})") from None
+    rows = _read_json(path)
     if not isinstance(rows, list) or not all(
         isinstance(r, dict) and isinstance(r.get("labels"), dict) for r in rows
     ):
