@@ -71,6 +71,9 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
                 "lora-alpha": 2.0 * args.dp_lora_rank,
             }
         )
+        for item in filter(None, args.dp_extra.split(",")):
+            key, _, value = item.partition("=")
+            cfg[key.strip()] = json.loads(value) if value[:1] in "-0123456789tf" else value
         if args.dp_sigma > 0:  # a fixed noise multiplier instead of the target ε
             cfg.update({"dp-noise-multiplier": args.dp_sigma, "dp-target-epsilon": 0.0})
     start = time.perf_counter()
@@ -125,6 +128,11 @@ def main() -> None:
         default=0.0,
         help="private cells: this noise multiplier instead of the target ε (diagnostics: "
         "a tiny σ isolates what clipping alone costs)",
+    )
+    parser.add_argument(
+        "--dp-extra",
+        default="",
+        help="private cells: more run-config overrides, 'key=value,...' (e.g. lora-lr-ratio=4)",
     )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seq", type=int, default=48)

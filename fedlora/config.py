@@ -15,6 +15,7 @@ keeps the two equal).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,11 @@ class TrainSettings:
         "DP-SGD, where Adam moves noise-only coordinates by ~lr every step).",
     )
     momentum: float = _field(0.0, "SGD momentum (optimizer=sgd only).")
+    lora_lr_ratio: float = _field(
+        1.0,
+        "LoRA tensors' learning rate as a multiple of learning-rate (the head and other "
+        "saved modules keep learning-rate); as in LoRA+, B often wants a larger rate.",
+    )
     batch_size: int = _field(16, "Examples per optimiser step.")
     max_seq_length: int = _field(64, "Tokens kept per text (longer texts truncated).")
     max_train_examples: int = _field(
@@ -111,6 +117,12 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
+        _require(
+            math.isfinite(self.lora_lr_ratio) and self.lora_lr_ratio > 0,
+            "lora-lr-ratio",
+            self.lora_lr_ratio,
+            "a finite x > 0",
+        )
         _require(
             self.compression in COMPRESSION_KINDS,
             "compression",

@@ -205,3 +205,24 @@ def test_mean_pooling_needs_a_pooler(tiny_model_dir: Path) -> None:
     )
     with pytest.raises(ModelError, match="pooling=mean.*Set pooling=cls"):
         install_pooling(other, "mean")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_lora_lr_ratio_sets_the_lora_tensors_rate_only(
+    tiny_model_dir: Path, optimizer: str
+) -> None:
+    from fedlora.client.train import make_optimizer, trainable_parameters
+    from fedlora.config import TrainSettings
+
+    model = build_model(tiny_model_dir, 3, LORA, seed=0)
+    settings = TrainSettings(optimizer=optimizer, learning_rate=0.5, lora_lr_ratio=4.0)
+    opt = make_optimizer(model, settings)
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(rate) == sorted(id(p) for p in trainable_parameters(model))
+    lora = [rate[i] for i in rate if "lora_" in names[i]]
+    head = [rate[i] for i in rate if "lora_" not in names[i]]
+    assert lora and head
+    assert set(lora) == {2.0} and set(head) == {0.5}
+    plain = make_optimizer(model, TrainSettings(optimizer=optimizer, learning_rate=0.5))
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 0.5

@@ -165,7 +165,17 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
     ``lr`` each step, and for a 75k-entry adapter that random walk swamps the
     signal (measured in docs/RESULTS.md).
     """
-    params = trainable_parameters(model)
+    params: Any = trainable_parameters(model)
+    if settings.lora_lr_ratio != 1.0:
+        lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in params if id(p) not in lora]},
+            {
+                "params": [p for p in params if id(p) in lora],
+                "lr": settings.learning_rate * settings.lora_lr_ratio,
+            },
+        ]
+        params = [g for g in groups if g["params"]]
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
     return torch.optim.AdamW(params, lr=settings.learning_rate)
