@@ -44,6 +44,7 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
         "strategy": args.strategy,
         "local-epochs": args.epochs,
         "max-seq-length": args.seq,
+        "pooling-layers": args.pooling_layers,
         "max-train-examples": args.max_train_examples,
         "seed": args.seed,
         "run-dir": str(run_dir),
@@ -133,6 +134,12 @@ def main() -> None:
         "--dp-extra",
         default="",
         help="private cells: more run-config overrides, 'key=value,...' (e.g. lora-lr-ratio=4)",
+    )
+    parser.add_argument(
+        "--pooling-layers",
+        type=int,
+        default=1,
+        help="all cells: the head reads the concatenated means of this many last layers",
     )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seq", type=int, default=48)

@@ -66,9 +66,19 @@ class LoraSettings:
             "sentence-transformers pooling if it has one, else cls).",
         },
     )
+    pooling_layers: int = field(
+        default=1,
+        metadata={
+            "key": "pooling-layers",
+            "help": "With mean pooling: how many of the last encoder layers' means the "
+            "head reads, concatenated (a richer sentence vector for the head, which DP "
+            "trains well).",
+        },
+    )
 
     def __post_init__(self) -> None:
         _require(self.pooling in POOLINGS, "pooling", self.pooling, ", ".join(POOLINGS))
+        _require(self.pooling_layers >= 1, "pooling-layers", self.pooling_layers, "an integer >= 1")
         _require(self.rank >= 1, "lora-rank", self.rank, "an integer >= 1")
         _require(self.alpha > 0, "lora-alpha", self.alpha, "a number > 0")
         _require(0 <= self.dropout < 1, "lora-dropout", self.dropout, "0 <= x < 1")

@@ -122,19 +122,37 @@ class MaskedMeanPooler(torch.nn.Module):
     Takes the place of a BERT-family ``pooler``; the encoder's forward
     pre-hook (:class:`_StashMask`) hands it the batch's attention mask, since
     HF calls a pooler with the hidden states only. No parameters, so Opacus and
-    PEFT see nothing new.
+    PEFT see nothing new. With ``layers`` > 1 it returns the concatenated means
+    of the last ``layers`` layers (:class:`_StashStates` keeps the earlier
+    ones' outputs): a richer sentence vector for a linear head, which is the
+    part DP-SGD trains well.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int = 1) -> None:
         super().__init__()
         self.attention_mask: torch.Tensor | None = None
+        self.layers = layers
+        # Plain list, not submodules: the encoder layers stay where they are.
+        self.stashed: list[torch.Tensor | None] = [None] * (layers - 1)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _mean(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self.attention_mask
         if mask is None or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
             mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
         weights = mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.layers == 1:
+            return self._mean(hidden_states)
+        earlier = [s for s in self.stashed if s is not None]
+        if len(earlier) != self.layers - 1:
+            raise ModelError(
+                f"pooling-layers={self.layers}: the encoder did not hand over its "
+                f"last {self.layers} layers' states; was the model built by fedlora?"
+            )
+        self.stashed = [None] * (self.layers - 1)
+        return torch.cat([self._mean(s) for s in [*earlier, hidden_states]], dim=-1)
 
 
 class _StashMask:
@@ -151,9 +169,32 @@ class _StashMask:
         module.pooler.attention_mask = mask
 
 
-def install_pooling(model: Any, pooling: str) -> None:
-    """Make an HF sequence classifier read the pooled vector ``pooling`` names."""
+class _StashStates:
+    """Encoder-layer forward hook handing one layer's output to the pooler.
+
+    A class holding its slot, not a closure: ``copy.deepcopy`` of the model
+    copies the hook with it, and the pooler is found from the copy's encoder.
+    """
+
+    def __init__(self, encoder: Any, slot: int) -> None:
+        self.encoder = encoder
+        self.slot = slot
+
+    def __call__(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
+        states = output[0] if isinstance(output, tuple) else output
+        self.encoder.pooler.stashed[self.slot] = states
+
+
+def install_pooling(model: Any, pooling: str, layers: int = 1) -> None:
+    """Make an HF sequence classifier read the pooled vector ``pooling`` names.
+
+    ``layers`` > 1 (mean pooling only) concatenates the means of the last
+    ``layers`` encoder layers and gives the model a new, wider classifier
+    (drawn from the current RNG, like HF's own new heads).
+    """
     if pooling == "cls":
+        if layers != 1:
+            raise ModelError(f"pooling-layers={layers} needs pooling=mean; set pooling-layers=1")
         return
     encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if encoder is None or getattr(encoder, "pooler", None) is None:
@@ -161,8 +202,25 @@ def install_pooling(model: Any, pooling: str) -> None:
             f"pooling=mean needs a BERT-family model whose classifier reads a pooler; "
             f"{type(model).__name__} has none. Set pooling=cls"
         )
-    encoder.pooler = MaskedMeanPooler()
+    encoder.pooler = MaskedMeanPooler(layers)
     encoder.register_forward_pre_hook(_StashMask(), with_kwargs=True)
+    if layers == 1:
+        return
+    blocks = getattr(getattr(encoder, "encoder", None), "layer", None)
+    head = getattr(model, "classifier", None)
+    if blocks is None or not isinstance(head, torch.nn.Linear) or layers > len(blocks):
+        raise ModelError(
+            f"pooling-layers={layers} needs a BERT-family model with at least {layers} "
+            f"encoder layers and a linear 'classifier'; {type(model).__name__} does not "
+            "fit. Set pooling-layers=1"
+        )
+    for slot, block in enumerate(list(blocks)[-layers:-1]):
+        block.register_forward_hook(_StashStates(encoder, slot))
+    wide = torch.nn.Linear(head.in_features * layers, head.out_features)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    torch.nn.init.normal_(wide.weight, std=std)
+    torch.nn.init.zeros_(wide.bias)
+    model.classifier = wide.to(head.weight.device)
 
 
 def build_model(
@@ -196,7 +254,7 @@ def build_model(
                 )
             except (OSError, ValueError, RuntimeError) as exc:
                 raise ModelError(f"cannot load model from {path}: {exc}") from exc
-            install_pooling(base, resolve_pooling(path, lora.pooling))
+            install_pooling(base, resolve_pooling(path, lora.pooling), lora.pooling_layers)
             # Move first, wrap second (opacus issue 820).
             base = base.to(device)
             config = LoraConfig(
@@ -391,5 +449,9 @@ def load_exported(
     metadata_file = adapter_path / METADATA_FILE
     metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
     # The head was trained on this sentence vector; read it the same way.
-    install_pooling(base, str(metadata.get("pooling") or resolve_pooling(path, "auto")))
+    install_pooling(
+        base,
+        str(metadata.get("pooling") or resolve_pooling(path, "auto")),
+        int(metadata.get("pooling_layers") or 1),
+    )
     return PeftModel.from_pretrained(base, str(adapter_path)), labels

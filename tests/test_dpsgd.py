@@ -33,13 +33,13 @@ from fedlora.privacy.dpsgd import (
 DEVICE = torch.device("cpu")
 
 
-def tiny_lora_model(seed: int = 0, pooling: str = "cls") -> Any:
+def tiny_lora_model(seed: int = 0, pooling: str = "cls", pooling_layers: int = 1) -> Any:
     """Tiny BERT + LoRA, moved to its device *before* get_peft_model."""
     torch.manual_seed(seed)
     options: dict[str, Any] = {
         "vocab_size": 100,
         "hidden_size": 16,
-        "num_hidden_layers": 1,
+        "num_hidden_layers": max(1, pooling_layers),
         "num_attention_heads": 2,
         "intermediate_size": 32,
         "max_position_embeddings": 64,
@@ -49,7 +49,7 @@ def tiny_lora_model(seed: int = 0, pooling: str = "cls") -> Any:
         "attention_probs_dropout_prob": 0.0,
     }
     base: Any = BertForSequenceClassification(BertConfig(**options))
-    install_pooling(base, pooling)
+    install_pooling(base, pooling, pooling_layers)
     base = base.to(DEVICE)  # move first...
     lora = LoraConfig(
         r=4,
@@ -150,12 +150,15 @@ def test_clipping_matches_per_example_reference(
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
-def test_mean_pooled_padded_batch_matches_per_example_reference(mode: str) -> None:
+def test_mean_pooled_padded_batch_matches_per_example_reference(mode: str, layers: int) -> None:
     """The masked-mean pooler (packaged MiniLM's default) mixes tokens within an
     example only: Opacus' per-sample clipping must still match one-at-a-time
-    autograd on a padded batch, where each example sees only its own tokens."""
-    model = tiny_lora_model(pooling="mean")
+    autograd on a padded batch, where each example sees only its own tokens.
+    With ``pooling-layers=2`` the head also reads the first layer's mean, handed
+    over by a hook, so LoRA in both layers gets gradient through two paths."""
+    model = tiny_lora_model(pooling="mean", pooling_layers=layers)
     reference = copy.deepcopy(model)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 100, (6, 10), generator=g)

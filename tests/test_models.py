@@ -226,3 +226,43 @@ def test_lora_lr_ratio_sets_the_lora_tensors_rate_only(
     assert set(lora) == {2.0} and set(head) == {0.5}
     plain = make_optimizer(model, TrainSettings(optimizer=optimizer, learning_rate=0.5))
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 0.5
+
+
+def test_pooling_layers_reads_the_last_layers_means_and_reloads(tmp_path: Path) -> None:
+    """pooling-layers=2: the head reads [mean(layer 1), mean(layer 2)] (checked
+    against HF's own hidden states), and an exported adapter reloads onto a
+    fresh base with the same wide head and identical logits."""
+    from fedlora.simulations.tiny import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "two-layer", layers=2)
+    lora = replace(LORA, pooling="mean", pooling_layers=2)
+    model = build_model(folder, 3, lora, seed=0)
+    model.eval()
+    ids = torch.tensor([[2, 40, 41, 42, 3], [2, 50, 51, 3, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        states = model.base_model.model.bert(
+            input_ids=ids, attention_mask=mask, output_hidden_states=True
+        ).hidden_states
+    weights = mask.unsqueeze(-1).float()
+    pooled = torch.cat([(h * weights).sum(1) / weights.sum(1) for h in states[-2:]], -1)
+    assert pooled.shape == (2, 32)
+    with torch.no_grad():
+        want = model.base_model.model.classifier(pooled)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-4)
+    rng = np.random.default_rng(2)
+    trained = {
+        k: rng.standard_normal(v.shape).astype(np.float32) for k, v in adapter_state(model).items()
+    }
+    meta = {"pooling": "mean", "pooling_layers": 2}
+    export_adapter(model, trained, tmp_path / "adapter", ["a", "b", "c"], meta)
+    again, _labels = load_exported(tmp_path / "adapter", str(folder))
+    torch.testing.assert_close(_logits(again), _logits(model), atol=1e-6, rtol=1e-5)
+
+
+def test_pooling_layers_errors_name_the_fix(tiny_model_dir: Path) -> None:
+    with pytest.raises(ModelError, match="needs pooling=mean; set pooling-layers=1"):
+        build_model(tiny_model_dir, 3, replace(LORA, pooling="cls", pooling_layers=2), seed=0)
+    with pytest.raises(ModelError, match="at least 3 encoder layers.*pooling-layers=1"):
+        build_model(tiny_model_dir, 3, replace(LORA, pooling="mean", pooling_layers=3), seed=0)

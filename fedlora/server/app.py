@@ -225,6 +225,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
             "pooling": resolve_pooling(
                 resolve_model_path(cfg.model_path or None), cfg.lora.pooling
             ),
+            "pooling_layers": cfg.lora.pooling_layers,
             "differential_privacy": _dp_metadata(cfg, history, strategy),
             "status": status,
         }

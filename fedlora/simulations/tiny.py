@@ -61,7 +61,7 @@ def _vocab() -> list[str]:
     return special + letters + ["##" + c for c in letters] + list("0123456789.,!?") + words
 
 
-def make_tiny_model(folder: Path, hidden: int = 16) -> Path:
+def make_tiny_model(folder: Path, hidden: int = 16, layers: int = 1) -> Path:
     """Save a tiny BertModel + tokenizer to ``folder`` (like a real model folder)."""
     from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
@@ -74,7 +74,7 @@ def make_tiny_model(folder: Path, hidden: int = 16) -> Path:
     config = BertConfig(
         vocab_size=len(_vocab()),
         hidden_size=hidden,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=64,
