@@ -31,6 +31,15 @@ from fedlora.server.history import RunHistory
 from fedlora.simulations.engine import Resources, simulate
 
 
+def overrides(text: str) -> dict[str, Any]:
+    """'key=value,...' as run-config overrides (numbers and booleans parsed)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = json.loads(value) if value[:1] in "-0123456789tf" else value
+    return out
+
+
 def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.out) / f"{dataset}-eps{eps}"
     cfg: dict[str, Any] = {
@@ -51,6 +60,7 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
         "federation": f"bench-utility-{time.time_ns()}",  # fresh ledgers per cell
         "sim-ledger-dir": str(run_dir / "ledgers"),
     }
+    cfg.update(overrides(args.extra))
     if math.isfinite(eps):
         cfg.update(
             {
@@ -72,9 +82,7 @@ def cell(dataset: str, eps: float, args: argparse.Namespace) -> dict[str, Any]:
                 "lora-alpha": 2.0 * args.dp_lora_rank,
             }
         )
-        for item in filter(None, args.dp_extra.split(",")):
-            key, _, value = item.partition("=")
-            cfg[key.strip()] = json.loads(value) if value[:1] in "-0123456789tf" else value
+        cfg.update(overrides(args.dp_extra))
         if args.dp_sigma > 0:  # a fixed noise multiplier instead of the target ε
             cfg.update({"dp-noise-multiplier": args.dp_sigma, "dp-target-epsilon": 0.0})
     start = time.perf_counter()
@@ -129,6 +137,11 @@ def main() -> None:
         default=0.0,
         help="private cells: this noise multiplier instead of the target ε (diagnostics: "
         "a tiny σ isolates what clipping alone costs)",
+    )
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="all cells: more run-config overrides, 'key=value,...' (e.g. logit-adjustment=1)",
     )
     parser.add_argument(
         "--dp-extra",

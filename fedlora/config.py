@@ -105,6 +105,13 @@ class TrainSettings:
         "DP-SGD, where Adam moves noise-only coordinates by ~lr every step).",
     )
     momentum: float = _field(0.0, "SGD momentum (optimizer=sgd only).")
+    logit_adjustment: float = _field(
+        0.0,
+        "tau of logit-adjusted training (0 = off): the local loss adds tau*log(local "
+        "label prior) to the logits, so a node whose labels are skewed does not pull "
+        "the shared head toward its majority class. Under local DP the prior comes "
+        "from label counts noised with dp-label-noise, and that release is accounted.",
+    )
     lora_lr_ratio: float = _field(
         1.0,
         "LoRA tensors' learning rate as a multiple of learning-rate (the head and other "
@@ -127,6 +134,12 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
+        _require(
+            math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0,
+            "logit-adjustment",
+            self.logit_adjustment,
+            "a finite x >= 0 (1 = standard logit adjustment, 0 = off)",
+        )
         _require(
             math.isfinite(self.lora_lr_ratio) and self.lora_lr_ratio > 0,
             "lora-lr-ratio",
@@ -249,6 +262,11 @@ class PrivacySettings:
     )
     dp_delta: float = _field(1e-5, "δ for central DP and for deriving noise from a target ε.")
     dp_accountant: str = _field("rdp", "Local DP accountant: rdp or prv.")
+    dp_label_noise: float = _field(
+        20.0,
+        "Local DP with logit-adjustment: std of the Gaussian noise on each local label "
+        "count (sensitivity 1), accounted in the node's ledger each round.",
+    )
     dp_grad_sample_mode: str = _field("hooks", "Opacus per-sample gradients: hooks, functorch.")
     federation: str = _field(
         "fedlora", "Federation name; keys each node's privacy ledger (never shared across)."
@@ -268,6 +286,12 @@ class PrivacySettings:
         _require(self.dp_target_epsilon >= 0, "dp-target-epsilon", self.dp_target_epsilon, ">= 0")
         _require(self.dp_max_grad_norm > 0, "dp-max-grad-norm", self.dp_max_grad_norm, "> 0")
         _require(0 < self.dp_delta < 1, "dp-delta", self.dp_delta, "0 < x < 1")
+        _require(
+            math.isfinite(self.dp_label_noise) and self.dp_label_noise > 0,
+            "dp-label-noise",
+            self.dp_label_noise,
+            "a finite x > 0",
+        )
         _require(
             self.dp_accountant in ("rdp", "prv"), "dp-accountant", self.dp_accountant, "rdp, prv"
         )

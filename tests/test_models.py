@@ -266,3 +266,59 @@ def test_pooling_layers_errors_name_the_fix(tiny_model_dir: Path) -> None:
         build_model(tiny_model_dir, 3, replace(LORA, pooling="cls", pooling_layers=2), seed=0)
     with pytest.raises(ModelError, match="at least 3 encoder layers.*pooling-layers=1"):
         build_model(tiny_model_dir, 3, replace(LORA, pooling="mean", pooling_layers=3), seed=0)
+
+
+def test_label_counts_noise_has_the_configured_std() -> None:
+    """Gaussian noise on the counts: over 4000 draws the sample std is within
+    5 % of dp-label-noise (its standard error is about 1.1 %) and the mean
+    within 4 standard errors of the true count."""
+    from fedlora.client.train import noisy_label_counts
+
+    labels = [0] * 300 + [1] * 700
+    g = torch.Generator().manual_seed(3)
+    draws = torch.stack([noisy_label_counts(labels, 2, 20.0, g) for _ in range(4000)])
+    std = draws.std(0)
+    assert torch.all((std - 20.0).abs() < 1.0), std
+    error = (draws.mean(0) - torch.tensor([300.0, 700.0], dtype=torch.double)).abs()
+    assert torch.all(error < 4 * 20 / 63), draws.mean(0)
+    torch.testing.assert_close(
+        noisy_label_counts(labels, 3), torch.tensor([300.0, 700.0, 0.0], dtype=torch.double)
+    )
+
+
+def test_label_log_prior_exact_and_floored() -> None:
+    from fedlora.client.train import label_log_prior
+
+    got = label_log_prior([0, 0, 0, 1], 3, tau=2.0)
+    # counts (3, 1, 0) floored at 1 -> (3, 1, 1) / 5
+    want = 2.0 * torch.log(torch.tensor([3 / 5, 1 / 5, 1 / 5]))
+    torch.testing.assert_close(got, want)
+
+
+def test_train_epochs_adds_the_log_prior_to_the_training_loss_only(tiny_model_dir: Path) -> None:
+    """One SGD step with logit adjustment equals the hand-written step on
+    cross_entropy(logits + log_prior); reported accuracy uses plain logits."""
+    import copy
+
+    from fedlora.client.train import train_epochs
+
+    model = build_model(tiny_model_dir, 3, LORA, seed=0)
+    for module in model.modules():  # the tiny BERT's hidden dropout: make both sides equal
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    reference = copy.deepcopy(model)
+    ids = torch.tensor([[2, 40, 41, 42, 3], [2, 50, 51, 3, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([0, 2])}
+    prior = torch.tensor([-0.1, -2.0, -3.0])
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_epochs(model, [batch], torch.optim.SGD(params, lr=0.5), 1, None, prior)  # type: ignore[arg-type]
+    reference.train()
+    out = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.nn.functional.cross_entropy(out.logits + prior, batch["labels"]).backward()
+    moved = 0
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if p.requires_grad:
+            assert q.grad is not None, name
+            torch.testing.assert_close(p.detach(), q.detach() - 0.5 * q.grad, atol=1e-6, rtol=1e-5)
+            moved += int(q.grad.abs().max() > 0)
+    assert moved > 0

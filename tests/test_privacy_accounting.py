@@ -181,3 +181,21 @@ def test_steps_per_round_errors() -> None:
         steps_per_round(10, 0, 1)
     with pytest.raises(ConfigError, match="local-epochs=True"):
         steps_per_round(10, 2, True)
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+def test_noise_multiplier_for_counts_extra_releases_tightly(name: str) -> None:
+    """Label counts released each round (sigma 20, one full-batch step) compose
+    with the DP-SGD steps: the sigma found spends the target within 0.01 with
+    them, and more than the target at 1% less noise."""
+    extra = [(20.0, 1.0, 1)] * 3
+    sigma = noise_multiplier_for(8.0, 1e-5, 0.1, 30, name, extra=extra)
+    with_extra = epsilon([(sigma, 0.1, 30), *extra], 1e-5, name)
+    assert 7.99 <= with_extra <= 8.0
+    assert epsilon([(0.99 * sigma, 0.1, 30), *extra], 1e-5, name) > 8.0
+    assert sigma > noise_multiplier_for(8.0, 1e-5, 0.1, 30, name)  # the counts cost something
+
+
+def test_noise_multiplier_for_extra_alone_over_target_names_the_fix() -> None:
+    with pytest.raises(ConfigError, match="dp-label-noise"):
+        noise_multiplier_for(1.0, 1e-5, 0.1, 30, "rdp", extra=[(0.5, 1.0, 1)])

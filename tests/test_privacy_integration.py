@@ -59,6 +59,41 @@ def test_local_dp_run_reports_epsilon_per_client_and_round(
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_logit_adjustment_under_local_dp_accounts_the_label_counts(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    """With logit-adjustment on, each round also releases noisy label counts
+    (Gaussian, sigma = dp-label-noise, sensitivity 1): every node's ledger
+    holds both releases per round and the reported epsilon composes them."""
+    cfg = _overrides(
+        tiny_model_dir,
+        text_csv,
+        tmp_path,
+        **{
+            "dp-mode": "local",
+            "dp-noise-multiplier": 1.0,
+            "dp-max-grad-norm": 1.0,
+            "logit-adjustment": 1.0,
+            "dp-label-noise": 5.0,
+        },
+    )
+    status = simulate(cfg, 3, Resources(num_cpus=1))
+    assert status["status"] == "completed", status
+    per_round = [(5.0, 1.0, 1), (1.0, 0.25, 4)]
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["extra"]["epsilon-max"] == pytest.approx(epsilon(per_round, 1e-5), rel=1e-6)
+    assert rounds[2]["extra"]["epsilon-max"] == pytest.approx(
+        epsilon(per_round * 2, 1e-5), rel=1e-6
+    )
+    assert epsilon(per_round * 2, 1e-5) > TWO_ROUNDS  # the counts are not free
+    for path in (tmp_path / "ledgers").glob("ledger-*.json"):
+        entries = json.loads(path.read_text())["rounds"]
+        got = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in entries]
+        assert got == per_round * 2, path
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_nodes_refuse_past_their_cap_and_run_stops_cleanly_even_after_restart(
     tiny_model_dir: Path, text_csv: Path, tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from flwr.app import Context
 from fedlora.client.train import (
     EncodedDataset,
     TrainResult,
+    label_log_prior,
     make_loader,
     make_optimizer,
     train_epochs,
@@ -128,25 +130,42 @@ def open_ledger(cfg: RunConfig, context: Context) -> tuple[PrivacyLedger, NodePr
 def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
     """Refuse before reading data when the last round's cost no longer fits.
 
-    Uses the most recent round's (noise, sample rate, steps) as the estimate
-    of the next one; the exact check follows once the data size is known.
+    Uses the most recent round's releases (its label counts, if any, and its
+    DP-SGD steps) as the estimate of the next one; the exact check follows
+    once the data size is known.
     """
-    if not ledger.history or math.isinf(limits.epsilon_cap):
+    if not ledger.rounds or math.isinf(limits.epsilon_cap):
         return
-    sigma, rate, steps = ledger.history[-1]
-    ledger.check_budget(limits.epsilon_cap, sigma, rate, steps)
+    last = ledger.rounds[-1].server_round
+    same = [r.history_entry for r in ledger.rounds if r.server_round == last]
+    ledger.check_budget(limits.epsilon_cap, *same[-1], extra=same[:-1])
+
+
+def label_release(cfg: RunConfig) -> list[tuple[float, float, int]]:
+    """The accountant entries of one round's noisy label counts (none without
+    logit adjustment): the Gaussian mechanism on a histogram whose L2
+    sensitivity is 1 is one full-batch step at noise multiplier dp-label-noise."""
+    if cfg.train.logit_adjustment <= 0:
+        return []
+    return [(cfg.privacy.dp_label_noise, 1.0, 1)]
 
 
 def round_noise(cfg: RunConfig, limits: NodePrivacy, sample_rate: float, steps: int) -> float:
     """This round's noise multiplier: fixed, or derived so that *all* rounds
-    together reach ``dp-target-epsilon`` (each client's ε over the run)."""
+    together reach ``dp-target-epsilon`` (each client's ε over the run),
+    label-count releases included."""
     p = cfg.privacy
     if p.dp_noise_multiplier > 0:
         return p.dp_noise_multiplier
     total_steps = steps * cfg.num_server_rounds
     # Calibrate with the node's own accountant and δ: the ledger judges with them.
     return noise_multiplier_for(
-        p.dp_target_epsilon, limits.delta, sample_rate, total_steps, limits.accountant
+        p.dp_target_epsilon,
+        limits.delta,
+        sample_rate,
+        total_steps,
+        limits.accountant,
+        extra=label_release(cfg) * cfg.num_server_rounds,
     )
 
 
@@ -164,8 +183,9 @@ def private_train(
     settings = cfg.train
     sample_rate, steps = steps_per_round(len(dataset), settings.batch_size, settings.local_epochs)
     sigma = round_noise(cfg, limits, sample_rate, steps)
+    labels = label_release(cfg)
     if not math.isinf(limits.epsilon_cap):
-        ledger.check_budget(limits.epsilon_cap, sigma, sample_rate, steps)
+        ledger.check_budget(limits.epsilon_cap, sigma, sample_rate, steps, labels)
     dp = DPConfig(
         noise_multiplier=sigma,
         max_grad_norm=cfg.privacy.dp_max_grad_norm,
@@ -181,8 +201,28 @@ def private_train(
     loader = make_loader(dataset, settings.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(work, settings)
     wrapped = make_private(work, optimizer, loader, dp, sigma, None if secure_rng else generator)
+    log_prior = None
+    if labels:
+        # Recorded before the counts are used: a crash later over-counts, never under.
+        ledger.record_round(server_round, *labels[0])
+        seed = secrets.randbits(63)  # the OS CSPRNG, as for the DP-SGD noise
+        if not secure_rng:  # tests and reproductions only (make_private warns)
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        noise_rng = torch.Generator().manual_seed(seed)
+        log_prior = label_log_prior(
+            dataset.labels,
+            int(work.config.num_labels),
+            settings.logit_adjustment,
+            cfg.privacy.dp_label_noise,
+            noise_rng,
+        )
     result = train_epochs(
-        wrapped.model, wrapped.data_loader, wrapped.optimizer, settings.local_epochs, generator
+        wrapped.model,
+        wrapped.data_loader,
+        wrapped.optimizer,
+        settings.local_epochs,
+        generator,
+        log_prior,
     )
     spent = ledger.record_round(server_round, sigma, sample_rate, steps)
     metrics = {

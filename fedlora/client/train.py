@@ -113,14 +113,58 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def noisy_label_counts(
+    labels: Sequence[int],
+    num_classes: int,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-class counts, plus N(0, noise_std^2) each when ``noise_std`` > 0:
+    the Gaussian mechanism on a histogram (L2 sensitivity 1 under
+    add/remove-one), which is what local DP may release."""
+    counts = torch.bincount(torch.tensor(list(labels), dtype=torch.long), minlength=num_classes)
+    if counts.numel() != num_classes:
+        raise DataError(f"label ids reach {counts.numel() - 1}, but the model has {num_classes}")
+    noisy = counts.double()
+    if noise_std > 0:
+        noise = torch.randn(num_classes, generator=generator, dtype=torch.double)
+        noisy = noisy + noise_std * noise
+    return noisy
+
+
+def label_log_prior(
+    labels: Sequence[int],
+    num_classes: int,
+    tau: float,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``tau * log(prior)`` from this node's label counts, for logit adjustment.
+
+    Under label skew each node's loss rewards predicting its own majority
+    class, and FedAvg carries that into the shared head; training on
+    ``logits + tau*log(prior)`` (Menon et al. 2021; FedLC, Zhang et al. 2022)
+    leaves the model the *balanced* part to learn. Counts (noised by
+    :func:`noisy_label_counts` under local DP) are floored at 1 so every
+    class keeps a finite log prior.
+    """
+    counts = noisy_label_counts(labels, num_classes, noise_std, generator).clamp(min=1.0)
+    return (tau * (counts / counts.sum()).log()).float()
+
+
 def train_epochs(
     model: torch.nn.Module,
     loader: DataLoader[Any],
     optimizer: torch.optim.Optimizer,
     epochs: int,
     generator: torch.Generator | None = None,
+    log_prior: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Run ``epochs`` passes; returns mean loss and accuracy over seen examples."""
+    """Run ``epochs`` passes; returns mean loss and accuracy over seen examples.
+
+    ``log_prior`` (from :func:`label_log_prior`) is added to the logits of
+    the training loss only; accuracy is reported on the plain logits.
+    """
     model.train()
     start = time.perf_counter()
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
@@ -139,7 +183,8 @@ def train_epochs(
                     steps += 1
                     continue
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                loss = torch.nn.functional.cross_entropy(out.logits, labels)
+                logits = out.logits if log_prior is None else out.logits + log_prior
+                loss = torch.nn.functional.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -190,7 +235,11 @@ def local_train(
     """Non-private local training of the trainable tensors."""
     loader = make_loader(dataset, settings.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(model, settings)
-    result = train_epochs(model, loader, optimizer, settings.local_epochs, generator)
+    log_prior = None
+    if settings.logit_adjustment > 0:  # no DP here: the exact counts
+        num_classes = int(getattr(model, "config").num_labels)  # noqa: B009
+        log_prior = label_log_prior(dataset.labels, num_classes, settings.logit_adjustment)
+    result = train_epochs(model, loader, optimizer, settings.local_epochs, generator, log_prior)
     # Report the number of local examples (FedAvg's weight), not examples x epochs.
     return TrainResult(result.loss, result.accuracy, len(dataset), result.steps, result.seconds)
 

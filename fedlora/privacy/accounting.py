@@ -165,13 +165,17 @@ def noise_multiplier_for(
     sample_rate: float,
     steps: int,
     accountant: str = "rdp",
+    extra: Sequence[HistoryEntry] = (),
 ) -> float:
     """Return the smallest noise multiplier (to 0.01 in epsilon) that stays
     within ``target_epsilon`` after ``steps`` steps at ``sample_rate``.
 
     The search is Opacus' ``get_noise_multiplier``; the answer is checked
     again with :func:`epsilon` so a noise level that would overspend is never
-    handed out, whatever the search did.
+    handed out, whatever the search did. ``extra`` entries (other releases
+    composed with the steps, e.g. noisy label counts) are searched with our
+    own bisection over the same accountant, since Opacus' search takes one
+    mechanism only.
 
     Raises
     ------
@@ -189,6 +193,8 @@ def noise_multiplier_for(
         raise ConfigError(f"sample_rate={sample_rate!r} must be in (0, 1]")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r} must be a positive integer")
+    if extra:
+        return _bisect_noise(target_epsilon, delta, sample_rate, steps, accountant, extra)
     try:
         sigma = float(
             get_noise_multiplier(
@@ -216,6 +222,40 @@ def noise_multiplier_for(
             f"{target_epsilon} actually spends epsilon={reached}; refusing it"
         )
     return sigma
+
+
+def _bisect_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    extra: Sequence[HistoryEntry],
+) -> float:
+    """Smallest sigma (to within 0.01 in epsilon) with steps + extra <= target."""
+
+    def spend(sigma: float) -> float:
+        return epsilon([(sigma, sample_rate, steps), *extra], delta, accountant)
+
+    low, high = 0.0, 10.0
+    while spend(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ConfigError(
+                f"privacy-target-epsilon={target_epsilon} cannot be reached at "
+                f"delta={delta}: the other releases {list(extra)} alone spend "
+                f"{epsilon(list(extra), delta, accountant):.3g}; raise the target or "
+                "the noise on those releases (dp-label-noise)"
+            )
+    while spend(high) < target_epsilon - 0.01:
+        mid = (low + high) / 2
+        if spend(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+        if high - low < 1e-6:
+            break
+    return high
 
 
 def steps_per_round(num_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:

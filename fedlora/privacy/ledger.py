@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -208,13 +208,20 @@ class PrivacyLedger:
         """Return the epsilon spent by every recorded round, composed."""
         return epsilon(self.history, self.delta, self.accountant)
 
-    def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    def projected_epsilon(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        extra: Sequence[HistoryEntry] = (),
+    ) -> float:
         """Return the epsilon after one more round with these parameters.
 
-        History and new round go to one accountant call: epsilons do not add.
+        History and new round (and its ``extra`` releases) go to one accountant
+        call: epsilons do not add.
         """
         entry = (noise_multiplier, sample_rate, steps)
-        return epsilon([*self.history, entry], self.delta, self.accountant)
+        return epsilon([*self.history, *extra, entry], self.delta, self.accountant)
 
     def check_budget(
         self,
@@ -222,8 +229,12 @@ class PrivacyLedger:
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
+        extra: Sequence[HistoryEntry] = (),
     ) -> float:
         """Return the projected epsilon, or refuse the round if it passes the cap.
+
+        ``extra``: the round's other releases (noisy label counts), judged
+        together with its DP-SGD steps.
 
         Raises
         ------
@@ -235,7 +246,7 @@ class PrivacyLedger:
         """
         if type(cap_epsilon) not in (int, float) or not cap_epsilon > 0:
             raise ConfigError(f"privacy-epsilon-cap={cap_epsilon!r} must be > 0")
-        projected = self.projected_epsilon(noise_multiplier, sample_rate, steps)
+        projected = self.projected_epsilon(noise_multiplier, sample_rate, steps, extra)
         if projected > cap_epsilon:
             raise BudgetExceeded(self.spent_epsilon(), float(cap_epsilon), projected)
         return projected
