@@ -90,6 +90,8 @@ def test_logit_adjustment_under_local_dp_accounts_the_label_counts(
         entries = json.loads(path.read_text())["rounds"]
         got = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in entries]
         assert got == per_round * 2, path
+    meta = json.loads((tmp_path / "adapter" / "fedlora_metadata.json").read_text())
+    assert meta["differential_privacy"]["label_count_noise"] == 5.0
 
 
 @pytest.mark.slow

@@ -371,6 +371,8 @@ def _dp_metadata(cfg: RunConfig, history: RunHistory, strategy: Any) -> dict[str
             "noise_multiplier": p.dp_noise_multiplier or "derived from target epsilon",
             "target_epsilon_per_client": p.dp_target_epsilon or None,
             "accountant": p.dp_accountant,
+            # Logit adjustment releases noisy label counts each round (accounted).
+            "label_count_noise": p.dp_label_noise if cfg.train.logit_adjustment > 0 else None,
             "delta": "set by each node (node config)",
             "epsilon_spent_max_over_clients": max(
                 (e.get("epsilon-max", 0.0) for e in eps), default=None
