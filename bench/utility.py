@@ -12,8 +12,9 @@ Private cells (finite ε) train with the DP recipe (``--dp-strategy``,
 B and the head only, and SGD with a large rate and large Poisson batches;
 ``--dp-logit-adjustment``: logit-adjusted loss against label skew, its
 noisy label counts accounted; see docs/RESULTS.md); the ε = inf cell
-trains with the best non-private recipe (``--optimizer``, ``--lr``, ``--batch``), so the gap is what privacy
-costs, not what a DP-tuned recipe costs a non-private run.
+trains with the best non-private recipe (``--optimizer``, ``--lr``,
+``--batch``), so the gap is what privacy costs, not what a DP-tuned recipe
+costs a non-private run.
 
 Slow on 2 CPU cores (minutes per cell); use --max-train-examples to cap
 each client's examples per round for a quicker, rougher table.
