@@ -34,11 +34,15 @@ from fedlora.simulations.engine import Resources, simulate
 
 
 def overrides(text: str) -> dict[str, Any]:
-    """'key=value,...' as run-config overrides (numbers and booleans parsed)."""
+    """'key=value,...' as run-config overrides (JSON numbers and booleans
+    parsed, anything else kept as a string, e.g. strategy=fedavg)."""
     out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        out[key.strip()] = json.loads(value) if value[:1] in "-0123456789tf" else value
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
     return out
 
 

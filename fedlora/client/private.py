@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from fedlora.client.train import (
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, PrivacyError
 from fedlora.privacy.accounting import noise_multiplier_for, steps_per_round
-from fedlora.privacy.dpsgd import DPConfig, make_private
+from fedlora.privacy.dpsgd import DPConfig, make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger
 
 # Node-config keys a site's operator sets (never the server).
@@ -205,10 +204,9 @@ def private_train(
     if labels:
         # Recorded before the counts are used: a crash later over-counts, never under.
         ledger.record_round(server_round, *labels[0])
-        seed = secrets.randbits(63)  # the OS CSPRNG, as for the DP-SGD noise
-        if not secure_rng:  # tests and reproductions only (make_private warns)
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        noise_rng = torch.Generator().manual_seed(seed)
+        noise_rng, _ = round_generators(
+            torch.device("cpu"), secure_rng, None if secure_rng else generator
+        )
         log_prior = label_log_prior(
             dataset.labels,
             int(work.config.num_labels),

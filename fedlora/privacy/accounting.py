@@ -238,8 +238,10 @@ def _bisect_noise(
         return epsilon([(sigma, sample_rate, steps), *extra], delta, accountant)
 
     low, high = 0.0, 10.0
-    while spend(high) > target_epsilon:
+    spent = spend(high)
+    while spent > target_epsilon:
         low, high = high, 2 * high
+        spent = spend(high)
         if high > 1e4:
             raise ConfigError(
                 f"privacy-target-epsilon={target_epsilon} cannot be reached at "
@@ -247,14 +249,13 @@ def _bisect_noise(
                 f"{epsilon(list(extra), delta, accountant):.3g}; raise the target or "
                 "the noise on those releases (dp-label-noise)"
             )
-    while spend(high) < target_epsilon - 0.01:
+    while spent < target_epsilon - 0.01 and high - low >= 1e-6:
         mid = (low + high) / 2
-        if spend(mid) > target_epsilon:
+        at_mid = spend(mid)
+        if at_mid > target_epsilon:
             low = mid
         else:
-            high = mid
-        if high - low < 1e-6:
-            break
+            high, spent = mid, at_mid
     return high
 
 

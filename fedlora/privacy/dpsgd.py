@@ -295,7 +295,7 @@ def make_private(
             "model.train(), and freeze or replace (ModuleValidator.fix) the "
             "modules named"
         )
-    noise_rng, sampling_rng = _generators(device, config.secure_rng, generator)
+    noise_rng, sampling_rng = round_generators(device, config.secure_rng, generator)
     source = data_loader
     if config.poisson_sampling:
         source = _with_sampling_generator(data_loader, sampling_rng)
@@ -358,10 +358,15 @@ def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None
         )
 
 
-def _generators(
+def round_generators(
     device: torch.device, secure: bool, generator: torch.Generator | None
 ) -> tuple[torch.Generator, torch.Generator]:
-    """Return fresh (noise, sampling) generators for one round."""
+    """Return fresh (noise, sampling) generators for one round.
+
+    Every noisy release of a node (DP-SGD here, its label counts in
+    :mod:`fedlora.client.private`) draws from generators made this way: seeded
+    from the OS CSPRNG, or, in tests only, from ``generator`` with a warning.
+    """
     if secure:
         if generator is not None:
             raise ConfigError(

@@ -97,7 +97,8 @@ def dataset_fingerprint(path: str | os.PathLike[str]) -> str:
 
 @dataclass(frozen=True)
 class LedgerRound:
-    """One round of local DP-SGD as recorded in a ledger."""
+    """One release of a round as recorded in a ledger: its DP-SGD steps, or
+    its noisy label counts (one full-batch step, ``sample_rate`` 1)."""
 
     server_round: int
     noise_multiplier: float
