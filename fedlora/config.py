@@ -75,10 +75,41 @@ class LoraSettings:
             "trains well).",
         },
     )
+    feature_centering: bool = field(
+        default=False,
+        metadata={
+            "key": "feature-centering",
+            "help": "Mean pooling: subtract the federation's mean sentence vector before the "
+            "head (measured once, before round 1, by a statistics query to the nodes; "
+            "noised and accounted under local DP). Lets DP-SGD train a head over several "
+            "pooled layers, which the shared common direction otherwise destabilises.",
+        },
+    )
+    feature_center_clip: float = field(
+        default=5.0,
+        metadata={
+            "key": "feature-center-clip",
+            "help": "Local DP with feature-centering: each example's sentence vector is "
+            "clipped to this L2 norm per pooled layer (x sqrt(pooling-layers)) before it "
+            "is summed; near the typical norm keeps both the clipping bias and the noise low.",
+        },
+    )
 
     def __post_init__(self) -> None:
         _require(self.pooling in POOLINGS, "pooling", self.pooling, ", ".join(POOLINGS))
         _require(self.pooling_layers >= 1, "pooling-layers", self.pooling_layers, "an integer >= 1")
+        _require(
+            self.pooling != "cls" or not self.feature_centering,
+            "feature-centering",
+            self.feature_centering,
+            "false with pooling=cls (centering applies to the mean-pooled vector)",
+        )
+        _require(
+            math.isfinite(self.feature_center_clip) and self.feature_center_clip > 0,
+            "feature-center-clip",
+            self.feature_center_clip,
+            "a finite x > 0",
+        )
         _require(self.rank >= 1, "lora-rank", self.rank, "an integer >= 1")
         _require(self.alpha > 0, "lora-alpha", self.alpha, "a number > 0")
         _require(0 <= self.dropout < 1, "lora-dropout", self.dropout, "0 <= x < 1")
@@ -267,6 +298,12 @@ class PrivacySettings:
         "Local DP with logit-adjustment: std of the Gaussian noise on each local label "
         "count (sensitivity 1), accounted in the node's ledger each round.",
     )
+    dp_center_noise: float = _field(
+        10.0,
+        "Local DP with feature-centering: noise multiplier of the one-time release of the "
+        "node's summed sentence vectors and count (Gaussian, sensitivity sqrt(2) x the "
+        "clip), accounted in the node's ledger before it is sent.",
+    )
     dp_grad_sample_mode: str = _field("hooks", "Opacus per-sample gradients: hooks, functorch.")
     federation: str = _field(
         "fedlora", "Federation name; keys each node's privacy ledger (never shared across)."
@@ -290,6 +327,12 @@ class PrivacySettings:
             math.isfinite(self.dp_label_noise) and self.dp_label_noise > 0,
             "dp-label-noise",
             self.dp_label_noise,
+            "a finite x > 0",
+        )
+        _require(
+            math.isfinite(self.dp_center_noise) and self.dp_center_noise > 0,
+            "dp-center-noise",
+            self.dp_center_noise,
             "a finite x > 0",
         )
         _require(
@@ -408,6 +451,15 @@ class RunConfig:
                 "ensemble=sites needs each site's full adapter in its reply; it does not fit "
                 f"compression={self.train.compression} or strategy={self.strategy}. "
                 "Use ensemble=last-rounds"
+            )
+        central = self.privacy.dp_mode.startswith("central")
+        if self.lora.feature_centering and (self.secagg or central):
+            raise ConfigError(
+                "feature-centering=true does not fit "
+                + ("secagg=true" if self.secagg else f"dp-mode={self.privacy.dp_mode}")
+                + ": each node's sentence-vector sum is sent on its own (noised only under "
+                "dp-mode=local), which SecAgg+ and central DP's guarantee do not cover. "
+                "Set feature-centering=false, or use dp-mode=local without secagg"
             )
         if self.secagg:
             problems = []

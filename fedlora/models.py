@@ -49,6 +49,7 @@ _WEIGHT_FILES = (
 )
 LABELS_FILE = "fedlora_labels.json"
 METADATA_FILE = "fedlora_metadata.json"
+CENTER_FILE = "fedlora_feature_center.safetensors"
 
 
 def default_model_path() -> Path:
@@ -126,11 +127,20 @@ class MaskedMeanPooler(torch.nn.Module):
     of the last ``layers`` layers (:class:`_StashStates` keeps the earlier
     ones' outputs): a richer sentence vector for a linear head, which is the
     part DP-SGD trains well.
+
+    ``center`` (set by :func:`set_feature_center`), when present, is subtracted
+    from the pooled vector. BERT-family sentence vectors share a large common
+    direction; a linear head trained by noisy, clipped SGD spends its steps
+    oscillating along it. Centering is a reparametrisation (``W(x-c)+b`` is
+    the same model class as ``Wx+b``), so it changes how well DP-SGD trains
+    the head, not what the head can express. It is a plain tensor, not a
+    buffer: neither PEFT's adapter state nor Opacus sees it.
     """
 
     def __init__(self, layers: int = 1) -> None:
         super().__init__()
         self.attention_mask: torch.Tensor | None = None
+        self.center: torch.Tensor | None = None
         self.layers = layers
         # Plain list, not submodules: the encoder layers stay where they are.
         self.stashed: list[torch.Tensor | None] = [None] * (layers - 1)
@@ -143,6 +153,12 @@ class MaskedMeanPooler(torch.nn.Module):
         return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        pooled = self._pooled(hidden_states)
+        if self.center is not None:
+            pooled = pooled - self.center.to(pooled.device, pooled.dtype)
+        return pooled
+
+    def _pooled(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.layers == 1:
             return self._mean(hidden_states)
         earlier = [s for s in self.stashed if s is not None]
@@ -221,6 +237,64 @@ def install_pooling(model: Any, pooling: str, layers: int = 1) -> None:
     torch.nn.init.normal_(wide.weight, std=std)
     torch.nn.init.zeros_(wide.bias)
     model.classifier = wide.to(head.weight.device)
+
+
+def mean_pooler(model: Any) -> MaskedMeanPooler:
+    """The model's :class:`MaskedMeanPooler` (PEFT-wrapped or not)."""
+    for module in model.modules():
+        if isinstance(module, MaskedMeanPooler):
+            return module
+    raise ModelError(
+        "feature-centering needs the mean-pooled sentence vector; this model reads "
+        "its CLS pooler. Set pooling=mean (or auto with a sentence-transformers model)"
+    )
+
+
+def set_feature_center(model: Any, center: np.ndarray | None) -> None:
+    """Subtract ``center`` from the sentence vector (``None``: stop subtracting).
+
+    Set on every use, because a cached model serves every run in its process.
+    """
+    if center is None:
+        for module in model.modules():
+            if isinstance(module, MaskedMeanPooler):
+                module.center = None
+        return
+    pooler = mean_pooler(model)
+    vector = torch.as_tensor(np.asarray(center, dtype=np.float32)).flatten()
+    expected = pooler.layers * int(model.config.hidden_size)
+    if vector.numel() != expected or not bool(torch.isfinite(vector).all()):
+        raise ModelError(
+            f"feature center has {vector.numel()} entries (finite: "
+            f"{bool(torch.isfinite(vector).all())}); the head reads {expected}: check "
+            "pooling-layers and the model on both sides"
+        )
+    pooler.center = vector
+
+
+def pooled_features(model: Any, batches: Any) -> torch.Tensor:
+    """(examples, features): the *uncentered* sentence vectors the head reads.
+
+    Runs the model in eval mode without gradients and captures the pooler's
+    output; what feature-centering's statistics query sums.
+    """
+    pooler = mean_pooler(model)
+    saved, pooler.center = pooler.center, None
+    captured: list[torch.Tensor] = []
+    handle = pooler.register_forward_hook(lambda _m, _a, out: captured.append(out.detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        handle.remove()
+        pooler.center = saved
+        model.train(was_training)
+    if not captured:
+        raise ModelError("no examples to compute sentence vectors from")
+    return torch.cat(captured).float().cpu()
 
 
 def build_model(
@@ -427,6 +501,11 @@ def export_adapter(
     load_adapter_state(model, state)
     model.save_pretrained(str(out))
     (out / LABELS_FILE).write_text(json.dumps({"labels": labels}, indent=2))
+    center = next((m.center for m in model.modules() if isinstance(m, MaskedMeanPooler)), None)
+    if center is not None:
+        from safetensors.torch import save_file
+
+        save_file({"center": center.detach().cpu().contiguous()}, str(out / CENTER_FILE))
     if metadata is not None:
         (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
     return out
@@ -454,4 +533,9 @@ def load_exported(
         str(metadata.get("pooling") or resolve_pooling(path, "auto")),
         int(metadata.get("pooling_layers") or 1),
     )
+    center_file = adapter_path / CENTER_FILE
+    if center_file.is_file():
+        from safetensors.torch import load_file
+
+        set_feature_center(base, load_file(str(center_file))["center"].numpy())
     return PeftModel.from_pretrained(base, str(adapter_path)), labels

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -35,8 +37,16 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedlora.client.centering import (
+    KEY_FEATURE_CENTER,
+    KEY_FEATURE_COUNT,
+    KEY_FEATURE_SUM,
+    QUERY_FEATURE_STATS,
+    STATS_RECORD,
+    feature_statistics,
+)
 from fedlora.client.modes import NodeMode, node_mode
-from fedlora.client.private import open_ledger, precheck, private_train
+from fedlora.client.private import center_release, open_ledger, precheck, private_train
 from fedlora.client.secagg import fedlora_secagg_train, is_secagg_fit, secagg_mod
 from fedlora.client.train import EncodedDataset, encode, evaluate, local_train, round_generator
 from fedlora.client.upload import build_upload
@@ -60,6 +70,7 @@ from fedlora.models import (
     cached_model,
     load_adapter_state,
     load_tokenizer,
+    set_feature_center,
     set_lora_a_trainable,
     trainable_state,
 )
@@ -173,7 +184,25 @@ def prepare(
     set_lora_a_trainable(model, node.trains_a)
     state = arrays_to_state(msg.content.array_records[ARRAYS_KEY])
     load_adapter_state(model, state)
+    set_feature_center(model, message_center(msg, cfg))
     return cfg, model, encoded, site
+
+
+def message_center(msg: Message, cfg: RunConfig) -> np.ndarray | None:
+    """The feature centre the server sent with this message (feature-centering).
+
+    Fails closed: a run with feature-centering whose message carries no centre
+    would train a head on a different vector than the server evaluates.
+    """
+    config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    if KEY_FEATURE_CENTER in config:
+        return np.asarray(config[KEY_FEATURE_CENTER], dtype=np.float32)
+    if cfg.lora.feature_centering and QUERY_FEATURE_STATS not in config:
+        raise ConfigError(
+            "feature-centering=true but the server's message carries no feature-center; "
+            "server and node must run the same fedlora version and run config"
+        )
+    return None
 
 
 def arrays_to_state(record: ArrayRecord) -> AdapterState:
@@ -236,15 +265,49 @@ def site_key(context: Context) -> str:
 def query_handler(
     msg: Message, context: Context, overrides: dict[str, Any] | None = None
 ) -> Message:
-    """Answer the server's site-key query, and its rank query (no data is read)."""
+    """Answer the server's site-key query and its rank query (no data is read),
+    and its feature-statistics query (data is read: privacy checks first)."""
     content = RecordDict({SITE_KEY: ConfigRecord({SITE_KEY: site_key(context)})})
     asked = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    if QUERY_FEATURE_STATS in asked:
+        return statistics_reply(msg, context, content, overrides)
     if QUERY_LORA_RANK in asked:
         try:
             node = node_mode(run_config_of(context, overrides), context)
         except FedloraError as exc:
             return error_reply(msg, exc)
         content[RANK_RECORD] = ConfigRecord({KEY_LORA_RANK: node.rank})
+    return Message(content=content, reply_to=msg)
+
+
+def statistics_reply(
+    msg: Message,
+    context: Context,
+    content: RecordDict,
+    overrides: dict[str, Any] | None = None,
+) -> Message:
+    """Sum and count of this node's sentence vectors (see fedlora.client.centering)."""
+    try:
+        cfg = run_config_of(context, overrides)
+        ledger = None
+        if cfg.privacy.dp_mode == "local":
+            ledger, limits = open_ledger(cfg, context)
+            precheck(ledger, limits)
+            if not math.isinf(limits.epsilon_cap):
+                ledger.check_budget(limits.epsilon_cap, *center_release(cfg)[0])
+        elif cfg.privacy.dp_mode != "none":
+            raise ConfigError(f"feature-centering does not fit dp-mode={cfg.privacy.dp_mode}")
+        _cfg, model, encoded, _site = prepare(msg, context, overrides)
+        total, count = feature_statistics(model, encoded, cfg, ledger)
+    except FedloraError as exc:
+        log.error("feature statistics failed: %s", exc)
+        return error_reply(msg, exc)
+    content[STATS_RECORD] = ArrayRecord(
+        {
+            KEY_FEATURE_SUM: Array(total.astype(np.float64)),
+            KEY_FEATURE_COUNT: Array(np.array([count], dtype=np.float64)),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

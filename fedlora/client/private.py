@@ -149,10 +149,21 @@ def label_release(cfg: RunConfig) -> list[tuple[float, float, int]]:
     return [(cfg.privacy.dp_label_noise, 1.0, 1)]
 
 
+def center_release(cfg: RunConfig) -> list[tuple[float, float, int]]:
+    """The accountant entry of the one-time feature-centering release (none
+    without it, or without local DP): each example adds its clipped sentence
+    vector and a constant equal to the clip to a sum, so the sum's L2
+    sensitivity is sqrt(2) x clip and Gaussian noise of std dp-center-noise x
+    that is one full-batch step at noise multiplier dp-center-noise."""
+    if not cfg.lora.feature_centering or cfg.privacy.dp_mode != "local":
+        return []
+    return [(cfg.privacy.dp_center_noise, 1.0, 1)]
+
+
 def round_noise(cfg: RunConfig, limits: NodePrivacy, sample_rate: float, steps: int) -> float:
     """This round's noise multiplier: fixed, or derived so that *all* rounds
     together reach ``dp-target-epsilon`` (each client's ε over the run),
-    label-count releases included."""
+    label-count releases and the feature-centering release included."""
     p = cfg.privacy
     if p.dp_noise_multiplier > 0:
         return p.dp_noise_multiplier
@@ -164,7 +175,7 @@ def round_noise(cfg: RunConfig, limits: NodePrivacy, sample_rate: float, steps: 
         sample_rate,
         total_steps,
         limits.accountant,
-        extra=label_release(cfg) * cfg.num_server_rounds,
+        extra=label_release(cfg) * cfg.num_server_rounds + center_release(cfg),
     )
 
 

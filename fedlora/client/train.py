@@ -251,7 +251,7 @@ def evaluate(
     """(mean loss, accuracy, examples) of ``model`` on ``dataset``."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for _idx, batch in _batches(dataset, batch_size):
+    for _idx, batch in eval_batches(dataset, batch_size):
         batch = to_device(batch, model)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"]
@@ -261,7 +261,7 @@ def evaluate(
     return loss_sum / max(seen, 1), correct / max(seen, 1), seen
 
 
-def _batches(
+def eval_batches(
     dataset: EncodedDataset, batch_size: int
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """(row indices, padded batch), sorted by length so evaluation pads little."""
@@ -278,7 +278,7 @@ def predict_proba(
     """Class probabilities for every example, in dataset order."""
     model.eval()
     out = torch.empty(0)
-    for idx, batch in _batches(dataset, batch_size):
+    for idx, batch in eval_batches(dataset, batch_size):
         batch = to_device(batch, model)
         probs = torch.softmax(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,

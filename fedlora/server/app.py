@@ -8,6 +8,8 @@ the server's held-out split every round, and leaves a run directory:
 * ``metrics.csv`` / ``metrics.json`` — one row per round (written each round);
 * ``checkpoint/`` — the latest global adapter and round (atomic);
 * ``adapter/`` — the final adapter in PEFT format plus the label list;
+* ``feature_center.npy`` — with feature-centering, the federation's mean
+  sentence vector (measured once; a resumed run reuses it);
 * ``status.json`` — ``completed`` / ``stopped`` (with reason) / ``failed``.
 
 ``status.json`` exists because ``flwr run --stream`` exits 0 even when a run
@@ -16,6 +18,7 @@ failed; ``fedlora simulate`` and ``fedlora run`` read it to set their exit code.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -24,10 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.client.app import arrays_to_state, state_to_arrays
+from fedlora.client.centering import KEY_FEATURE_CENTER
 from fedlora.client.train import encode, evaluate
 from fedlora.config import (
     ARRAYS_KEY,
@@ -38,7 +43,7 @@ from fedlora.config import (
     RunConfig,
 )
 from fedlora.data.partition import simulation_split
-from fedlora.io import atomic_write_json
+from fedlora.io import atomic_write_bytes, atomic_write_json
 from fedlora.models import (
     adapter_state,
     build_model,
@@ -47,6 +52,7 @@ from fedlora.models import (
     load_tokenizer,
     resolve_model_path,
     resolve_pooling,
+    set_feature_center,
 )
 from fedlora.privacy.central import central_epsilon, wrap_central
 from fedlora.privacy.dpsgd import recipe_advice
@@ -57,6 +63,7 @@ from fedlora.server.loop import (
     RoundOutcome,
     RunStopped,
     SiteRegistry,
+    measure_feature_center,
     progress_line,
     reply_metrics,
     run_rounds,
@@ -84,6 +91,7 @@ log = logging.getLogger("fedlora.server")
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
+FEATURE_CENTER_FILE = "feature_center.npy"
 
 
 def _ensure_console_logging() -> None:
@@ -199,7 +207,12 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
             log.info("%s", progress_line(outcome, cfg.num_server_rounds))
 
         status, reason = "completed", ""
+        round_config: dict[str, Any] = {}
         try:
+            if cfg.lora.feature_centering:
+                center = feature_center(grid, arrays, cfg, run_dir)
+                set_feature_center(model, center)
+                round_config[KEY_FEATURE_CENTER] = [float(v) for v in center]
             if cfg.secagg:
                 _run_secagg(grid, arrays, cfg, evaluator, on_round, first_round)
             else:
@@ -211,6 +224,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
                     evaluator,
                     on_round,
                     first_round=first_round,
+                    train_config=round_config,
                     reply_filter=_update_validator(cfg, arrays, strategy),
                 )
         except (RunStopped, SecureAggregationFailed) as stop:
@@ -226,6 +240,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
                 resolve_model_path(cfg.model_path or None), cfg.lora.pooling
             ),
             "pooling_layers": cfg.lora.pooling_layers,
+            "feature_centering": cfg.lora.feature_centering,
             "differential_privacy": _dp_metadata(cfg, history, strategy),
             "status": status,
         }
@@ -235,6 +250,21 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
     except Exception as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise
+
+
+def feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, run_dir: Path) -> np.ndarray:
+    """The run's feature centre: measured once by querying the nodes, then kept
+    in ``<run-dir>/feature_center.npy`` so a resumed run reuses it instead of
+    asking the nodes to spend privacy on it again."""
+    path = run_dir / FEATURE_CENTER_FILE
+    if cfg.resume and path.is_file():
+        log.info("reusing the feature centre in %s", path)
+        return np.asarray(np.load(path), dtype=np.float32)
+    center = measure_feature_center(grid, arrays, cfg)
+    buffer = io.BytesIO()
+    np.save(buffer, center)
+    atomic_write_bytes(path, buffer.getvalue())
+    return center
 
 
 def _update_validator(cfg: RunConfig, arrays: ArrayRecord, strategy: Any) -> Any:

@@ -28,11 +28,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora.client.centering import (
+    KEY_FEATURE_COUNT,
+    KEY_FEATURE_SUM,
+    QUERY_FEATURE_STATS,
+    STATS_RECORD,
+    combine,
+)
 from fedlora.config import (
+    ARRAYS_KEY,
     CONFIG_KEY,
     METRIC_ACCURACY,
     METRIC_BYTES_SENT,
@@ -377,7 +386,9 @@ def run_rounds(
                 grid.get_node_ids(), sites, cfg.fraction_evaluate, 1, cfg.seed, rnd, "evaluate"
             )
             eval_msgs = list(
-                strategy.configure_evaluate(rnd, arrays, ConfigRecord(), _view(grid, eval_nodes))
+                strategy.configure_evaluate(
+                    rnd, arrays, ConfigRecord(dict(train_config or {})), _view(grid, eval_nodes)
+                )
             )
             eval_ok, eval_fail = split_replies(
                 exchange.send(eval_msgs, cfg.round_timeout, rnd, "evaluate"),
@@ -393,6 +404,44 @@ def run_rounds(
         outcome.seconds = time.perf_counter() - start
         on_round(outcome)
     return arrays
+
+
+def measure_feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig) -> np.ndarray:
+    """Ask every connected node for its sentence-vector sum and count; return
+    the federation's mean vector (feature-centering, before round 1).
+
+    Nodes that fail or refuse (budget, data) are left out and logged; fewer
+    than ``min-train-nodes`` answers stop the run, as a round would.
+    """
+    nodes = wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout)
+    sites = SiteRegistry()
+    sites.refresh(grid, timeout=max(cfg.round_timeout, 60.0))
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({QUERY_FEATURE_STATS: 1})})
+    messages = [
+        Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
+    ]
+    replies = grid.send_and_receive(messages, timeout=max(cfg.round_timeout, 60.0))
+    ok, failures = split_replies(replies, nodes, sites, sent=messages)
+    ok = [m for m in ok if STATS_RECORD in m.content.array_records]
+    for line in failures:
+        log.warning("feature statistics: %s", line)
+    if len(ok) < cfg.min_train_nodes:
+        raise RunStopped(
+            f"feature statistics: only {len(ok)} of {len(nodes)} nodes answered "
+            f"(min-train-nodes={cfg.min_train_nodes}); failures: " + "; ".join(failures)
+        )
+    records = [m.content.array_records[STATS_RECORD] for m in ok]
+    center = combine(
+        [r[KEY_FEATURE_SUM].numpy() for r in records],
+        [float(r[KEY_FEATURE_COUNT].numpy()[0]) for r in records],
+    )
+    log.info(
+        "feature centre from %d node(s): norm %.3f over %d features",
+        len(ok),
+        float(np.linalg.norm(center)),
+        center.size,
+    )
+    return center
 
 
 def progress_line(outcome: RoundOutcome, total_rounds: int) -> str:
