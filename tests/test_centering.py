@@ -271,3 +271,17 @@ def test_centre_release_is_in_every_ledger_and_the_reported_epsilon(
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     assert rounds[2]["extra"]["epsilon-max"] == pytest.approx(epsilon(history, 1e-5), rel=1e-6)
     assert epsilon(history, 1e-5) > epsilon(history[1:], 1e-5)
+
+
+def test_centre_noise_norm_by_hand() -> None:
+    """σ=10, R=5·√4=10, 10 nodes, 1536 features: 10·√2·10·√15360 / N —
+    1.71 for Rotten Tomatoes' 10,246 examples, 10.3 for BBC News' 1,701
+    (against a mean of norm ~9: the server warns on the second)."""
+    from fedlora.server.loop import centre_noise_norm
+
+    base = RunConfig()
+    cfg = replace(base, lora=replace(base.lora, pooling="mean", pooling_layers=4))
+    want = 10 * math.sqrt(2) * 10 * math.sqrt(10 * 1536)
+    assert centre_noise_norm(cfg, 10, 1536, 10246) == pytest.approx(want / 10246)
+    assert centre_noise_norm(cfg, 10, 1536, 10246) == pytest.approx(1.7106, abs=1e-3)
+    assert centre_noise_norm(cfg, 10, 1536, 1701) == pytest.approx(10.304, abs=1e-2)

@@ -39,6 +39,7 @@ from fedlora.client.centering import (
     QUERY_FEATURE_STATS,
     STATS_RECORD,
     combine,
+    sum_clip,
 )
 from fedlora.config import (
     ARRAYS_KEY,
@@ -435,13 +436,32 @@ def measure_feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig) -> n
         [r[KEY_FEATURE_SUM].numpy() for r in records],
         [float(r[KEY_FEATURE_COUNT].numpy()[0]) for r in records],
     )
+    norm = float(np.linalg.norm(center))
     log.info(
-        "feature centre from %d node(s): norm %.3f over %d features",
-        len(ok),
-        float(np.linalg.norm(center)),
-        center.size,
+        "feature centre from %d node(s): norm %.3f over %d features", len(ok), norm, center.size
     )
+    if cfg.privacy.dp_mode == "local":
+        counts = sum(float(r[KEY_FEATURE_COUNT].numpy()[0]) for r in records)
+        noise = centre_noise_norm(cfg, len(ok), center.size, counts)
+        if noise > 0.5 * norm:
+            log.warning(
+                "feature centre is mostly noise: its expected noise norm %.2f is over half "
+                "its norm %.2f (%d nodes, ~%d examples in all). A noisy centre can make the "
+                "head worse than none: set feature-centering=false, or lower dp-center-noise "
+                "or feature-center-clip",
+                noise,
+                norm,
+                len(ok),
+                int(counts),
+            )
     return center
+
+
+def centre_noise_norm(cfg: RunConfig, nodes: int, features: int, examples: float) -> float:
+    """Expected L2 norm of the DP noise in the centre: each node adds N(0, (σ√2R)²)
+    per coordinate to its sum, and the total is divided by the example count."""
+    std = cfg.privacy.dp_center_noise * math.sqrt(2.0) * sum_clip(cfg)
+    return std * math.sqrt(nodes * features) / max(examples, 1.0)
 
 
 def progress_line(outcome: RoundOutcome, total_rounds: int) -> str:
