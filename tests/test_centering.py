@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -285,3 +286,69 @@ def test_centre_noise_norm_by_hand() -> None:
     assert centre_noise_norm(cfg, 10, 1536, 10246) == pytest.approx(want / 10246)
     assert centre_noise_norm(cfg, 10, 1536, 10246) == pytest.approx(1.7106, abs=1e-3)
     assert centre_noise_norm(cfg, 10, 1536, 1701) == pytest.approx(10.304, abs=1e-2)
+
+
+@pytest.mark.parametrize("case", ["centering off", "cap too small"])
+def test_statistics_query_refuses_before_reading_data(
+    case: str,
+    flower_task: Any,
+    tiny_model_dir: Path,
+    text_csv: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node answers the statistics query only for a run that centres, and
+    only if the release fits its cap; either refusal comes before any data
+    is read and leaves the ledger untouched."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fedlora.client import app as client_app
+    from fedlora.client.centering import QUERY_FEATURE_STATS
+    from fedlora.client.private import dataset_identity
+
+    flat = tiny_run_config(
+        tiny_model_dir,
+        text_csv,
+        tmp_path,
+        pooling="mean",
+        **{
+            "feature-centering": case != "centering off",
+            "dp-mode": "local",
+            "dp-noise-multiplier": 1.0,
+            "dp-center-noise": 1.0,  # one full-batch step at σ=1: far above ε=1
+            "sim-epsilon-cap": 1.0,
+            "sim-ledger-dir": str(tmp_path / "ledgers"),
+        },
+    )
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+
+    def no_reading(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("data was read although the node refuses")
+
+    monkeypatch.setattr(client_app, "prepare", no_reading)
+    monkeypatch.setattr(client_app, "local_dataset", no_reading)
+    model = build_model(tiny_model_dir, 3, LORA, 3)
+    arrays = ArrayRecord({k: Array(v) for k, v in adapter_state(model).items()})
+    msg = Message(
+        content=RecordDict({"arrays": arrays, "config": ConfigRecord({QUERY_FEATURE_STATS: 1})}),
+        dst_node_id=7,
+        message_type="query",
+    )
+    reply = client_app.query_handler(msg, context, flat)
+    assert reply.has_error()
+    if case == "centering off":
+        assert "feature-centering is false" in reply.error.reason
+    else:
+        assert reply.error.code == client_app.ERROR_CODE_BUDGET
+        assert "privacy budget exhausted" in reply.error.reason
+        cfg = client_app.run_config_of(context, flat)
+        ledger = PrivacyLedger.open(
+            tmp_path / "ledgers", "fedlora", dataset_identity(cfg, context), 1e-5, "rdp"
+        )
+        assert ledger.history == []

@@ -289,6 +289,12 @@ def statistics_reply(
     """Sum and count of this node's sentence vectors (see fedlora.client.centering)."""
     try:
         cfg = run_config_of(context, overrides)
+        if not cfg.lora.feature_centering:
+            # Only a run that centres its head may read the data for this.
+            raise ConfigError(
+                "the server asked for feature statistics, but the run's "
+                "feature-centering is false; the node sends none"
+            )
         ledger = None
         if cfg.privacy.dp_mode == "local":
             ledger, limits = open_ledger(cfg, context)
