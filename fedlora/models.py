@@ -506,6 +506,8 @@ def export_adapter(
         from safetensors.torch import save_file
 
         save_file({"center": center.detach().cpu().contiguous()}, str(out / CENTER_FILE))
+    else:  # never leave an earlier export's centre beside an uncentred head
+        (out / CENTER_FILE).unlink(missing_ok=True)
     if metadata is not None:
         (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
     return out
@@ -534,6 +536,11 @@ def load_exported(
         int(metadata.get("pooling_layers") or 1),
     )
     center_file = adapter_path / CENTER_FILE
+    if metadata.get("feature_centering") and not center_file.is_file():
+        raise ModelError(
+            f"{adapter_path} was trained with feature-centering but has no {CENTER_FILE}; "
+            "copy the whole exported folder"
+        )
     if center_file.is_file():
         from safetensors.torch import load_file
 

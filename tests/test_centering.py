@@ -99,6 +99,13 @@ def test_export_carries_the_centre_and_reloads_identical_logits(
     assert (tmp_path / "adapter" / CENTER_FILE).is_file()
     again, _labels = load_exported(tmp_path / "adapter", str(tiny_model_dir))
     torch.testing.assert_close(_logits(again), _logits(model), atol=1e-6, rtol=1e-5)
+    # a folder that says it was centred but lost its centre is refused
+    meta = {"pooling": "mean", "feature_centering": True}
+    set_feature_center(model, None)
+    export_adapter(model, state, tmp_path / "adapter", ["a", "b", "c"], meta)
+    assert not (tmp_path / "adapter" / CENTER_FILE).exists()  # the stale centre is gone
+    with pytest.raises(ModelError, match="has no fedlora_feature_center"):
+        load_exported(tmp_path / "adapter", str(tiny_model_dir))
 
 
 def test_clip_rows_and_combine_by_hand() -> None:
