@@ -171,8 +171,18 @@ def dp_probe_run(
         lora=replace(
             base.lora, pooling="mean", pooling_layers=layers, feature_centering=center == "dp"
         ),
-        train=replace(base.train, logit_adjustment=args.logit_adjustment, batch_size=batch),
-        privacy=replace(base.privacy, dp_mode="local", dp_target_epsilon=args.epsilon),
+        train=replace(
+            base.train,
+            logit_adjustment=args.logit_adjustment,
+            batch_size=batch,
+            local_epochs=args.epochs,
+        ),
+        privacy=replace(
+            base.privacy,
+            dp_mode="local",
+            dp_target_epsilon=args.epsilon,
+            dp_max_grad_norm=args.clip,
+        ),
     )
     g = torch.Generator().manual_seed(noise_seed)
     clients = [(x[:, -layers:].reshape(len(x), -1).double(), y) for x, y in feats["clients"]]
@@ -190,7 +200,7 @@ def dp_probe_run(
         total, seen = torch.zeros_like(weight), 0
         for x, y in clients:
             n = len(x)
-            rate, steps = steps_per_round(n, batch, 1)
+            rate, steps = steps_per_round(n, batch, args.epochs)
             sigma = _noise(cfg, limits, rate, steps)
             prior = (
                 label_log_prior(
@@ -237,6 +247,9 @@ def dp_probe(args: argparse.Namespace) -> None:
             "center": center,
             "lr": lr,
             "batch": batch,
+            "rounds": args.rounds,
+            "epochs": args.epochs,
+            "clip": args.clip,
         }
         print(
             json.dumps(
@@ -314,6 +327,8 @@ def main() -> None:
             p.add_argument("--batch", default="128,256")
             p.add_argument("--epsilon", type=float, default=8.0)
             p.add_argument("--rounds", type=int, default=3)
+            p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+            p.add_argument("--clip", type=float, default=1.0, help="per-example clip norm")
             p.add_argument("--clients", type=int, default=10)
             p.add_argument("--alpha", type=float, default=0.5)
             p.add_argument("--logit-adjustment", type=float, default=1.0)
