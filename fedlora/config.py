@@ -566,8 +566,15 @@ class RunConfig:
     def partial_replies(self) -> bool:
         """Whether train replies carry something other than the full adapter as
         sent (compressed deltas; FFA-LoRA's and hetero-rank's partial or per-site
-        payloads), so only the strategy's decoder can read them."""
-        return self.train.compression != "none" or self.strategy in ("ffa-lora", "hetero-rank")
+        payloads), so only the strategy's decoder can read them.
+
+        Read from the strategy's ``client_mode`` in the registry, so a
+        strategy registered later with a partial mode is treated the same.
+        """
+        from fedlora.strategies.protocol import MODE_STANDARD
+        from fedlora.strategies.registry import client_mode
+
+        return self.train.compression != "none" or client_mode(self.strategy) != MODE_STANDARD
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -81,3 +81,25 @@ def test_strategy_options_are_typed_and_checked() -> None:
 def test_unknown_strategy_lists_known_names() -> None:
     with pytest.raises(ConfigError, match="'strategy' has value 'fedsgd'; allowed: fedavg"):
         build_strategy("fedsgd")
+
+
+def test_partial_replies_follow_the_registered_client_mode() -> None:
+    # A strategy registered later with FFA's client mode gets its replies
+    # decoded by the strategy, like ffa-lora; no name list to keep in step.
+    from fedlora.config import RunConfig
+    from fedlora.strategies.ffa_strategy import FfaLora
+    from fedlora.strategies.registry import register
+
+    class MyFfa(FfaLora):
+        pass
+
+    register("my-ffa-test", MyFfa)
+    try:
+        assert RunConfig.from_flat({"strategy": "my-ffa-test"}).partial_replies
+        assert RunConfig.from_flat({"strategy": "ffa-lora"}).partial_replies
+        assert RunConfig.from_flat({"strategy": "hetero-rank"}).partial_replies
+        assert not RunConfig.from_flat({"strategy": "lora-exact"}).partial_replies
+        assert not RunConfig.from_flat({"strategy": "fedavg"}).partial_replies
+        assert RunConfig.from_flat({"strategy": "fedavg", "compression": "int8"}).partial_replies
+    finally:
+        del STRATEGIES["my-ffa-test"]
