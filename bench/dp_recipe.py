@@ -106,13 +106,11 @@ def run(
     if "/" in tensors:  # LoRA tensors at a fraction of the head's rate
         ratio = float(tensors.split("/")[1])
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        opt = torch.optim.SGD(
-            [
-                {"params": [p for n, p in named if "lora_" not in n]},
-                {"params": [p for n, p in named if "lora_" in n], "lr": lr * ratio},
-            ],
-            lr=lr,
-        )
+        groups: list[dict[str, Any]] = [
+            {"params": [p for n, p in named if "lora_" not in n]},
+            {"params": [p for n, p in named if "lora_" in n], "lr": lr * ratio},
+        ]
+        opt = torch.optim.SGD(groups, lr=lr)
     generator = torch.Generator().manual_seed(args.seed)
     loader = make_loader(enc_train, batch, shuffle=True, generator=generator)
     sigma = None
