@@ -154,18 +154,10 @@ def _center(
 _noise = functools.lru_cache(maxsize=None)(round_noise)  # bisection is slow; inputs repeat
 
 
-def dp_probe_run(
-    feats: dict[str, Any],
-    layers: int,
-    center: str,
-    lr: float,
-    batch: int,
-    noise_seed: int,
-    args: argparse.Namespace,
-) -> list[float]:
-    """Accuracy per round of one federated DP-SGD run of the head."""
+def _probe_config(layers: int, center: str, batch: int, args: argparse.Namespace) -> RunConfig:
+    """The run config a proxy row mirrors; built before features so bad flags fail at once."""
     base = RunConfig()
-    cfg = replace(
+    return replace(
         base,
         num_server_rounds=args.rounds,
         lora=replace(
@@ -184,6 +176,18 @@ def dp_probe_run(
             dp_max_grad_norm=args.clip,
         ),
     )
+
+
+def dp_probe_run(
+    feats: dict[str, Any],
+    cfg: RunConfig,
+    center: str,
+    lr: float,
+    noise_seed: int,
+    args: argparse.Namespace,
+) -> list[float]:
+    """Accuracy per round of one federated DP-SGD run of the head."""
+    layers, batch = cfg.lora.pooling_layers, cfg.train.batch_size
     g = torch.Generator().manual_seed(noise_seed)
     clients = [(x[:, -layers:].reshape(len(x), -1).double(), y) for x, y in feats["clients"]]
     test_x = feats["test"][0][:, -layers:].reshape(len(feats["test"][0]), -1).double()
@@ -200,7 +204,7 @@ def dp_probe_run(
         total, seen = torch.zeros_like(weight), 0
         for x, y in clients:
             n = len(x)
-            rate, steps = steps_per_round(n, batch, args.epochs)
+            rate, steps = steps_per_round(n, batch, cfg.train.local_epochs)
             sigma = _noise(cfg, limits, rate, steps)
             prior = (
                 label_log_prior(
@@ -227,17 +231,18 @@ def dp_probe_run(
 
 
 def dp_probe(args: argparse.Namespace) -> None:
+    grid = [
+        (layers, center, lr, batch, _probe_config(layers, center, batch, args))
+        for layers, center, lr, batch in itertools.product(
+            [int(v) for v in args.layers.split(",")],
+            args.center.split(","),
+            [float(v) for v in args.lr.split(",")],
+            [int(v) for v in args.batch.split(",")],
+        )
+    ]
     feats = _client_features(args)
-    grid = itertools.product(
-        [int(v) for v in args.layers.split(",")],
-        args.center.split(","),
-        [float(v) for v in args.lr.split(",")],
-        [int(v) for v in args.batch.split(",")],
-    )
-    for layers, center, lr, batch in grid:
-        runs = [
-            dp_probe_run(feats, layers, center, lr, batch, s, args) for s in range(args.noise_seeds)
-        ]
+    for layers, center, lr, batch, cfg in grid:
+        runs = [dp_probe_run(feats, cfg, center, lr, s, args) for s in range(args.noise_seeds)]
         final = [r[-1] for r in runs]
         row = {
             "dataset": args.dataset,
