@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedlora.config import TrainSettings
 from fedlora.data.sources import TextDataset
 from fedlora.errors import DataError
+from fedlora.privacy.dpsgd import empty_batch_step
 
 
 class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
@@ -178,8 +179,9 @@ def train_epochs(
                 batch = to_device(batch, model)
                 labels = batch["labels"]
                 if labels.numel() == 0:
-                    # An empty Poisson batch releases nothing; the accountant has
-                    # already counted the step, which errs on the safe side.
+                    # An empty Poisson batch still takes its noise step, as the
+                    # accountant assumes (see empty_batch_step).
+                    empty_batch_step(optimizer)
                     steps += 1
                     continue
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

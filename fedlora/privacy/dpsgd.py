@@ -65,6 +65,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -339,6 +340,32 @@ def make_private(
         # Noise robust to the floating-point attack; needs no torchcsprng.
         dp_optimizer.secure_mode = True
     return PrivateTraining(dp_model, dp_optimizer, dp_loader, engine, loss)
+
+
+def empty_batch_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Take the DP-SGD step of an empty Poisson batch: noise, nothing to clip.
+
+    Poisson sampling draws an empty batch with probability ``(1-q)^n``. The
+    accountant analyses every step as "clipped sum plus Gaussian noise", so an
+    empty batch must still release ``N(0, (sigma*C)^2) / B``. Skipping it would
+    release an exact zero instead, which tells an observer the batch was empty
+    and is a mechanism the accountant does not cover. A forward pass on zero
+    examples cannot run (attention reshapes fail), so this hands Opacus zero
+    per-sample gradients directly and steps.
+
+    Returns ``False`` (and does nothing) for a non-private optimizer, which
+    never sees Poisson batches.
+    """
+    if not isinstance(optimizer, DPOptimizer):
+        return False
+    optimizer.zero_grad(set_to_none=True)
+    for p in optimizer.params:
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):
+            p.grad = torch.zeros_like(p)  # ghost mode sums p.grad, already clipped
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    return True
 
 
 def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
