@@ -358,10 +358,11 @@ def empty_batch_step(optimizer: torch.optim.Optimizer) -> bool:
     """
     if not isinstance(optimizer, DPOptimizer):
         return False
+    ghost = isinstance(optimizer, DPOptimizerFastGradientClipping)  # sums p.grad, pre-clipped
     optimizer.zero_grad(set_to_none=True)
     for p in optimizer.params:
-        if isinstance(optimizer, DPOptimizerFastGradientClipping):
-            p.grad = torch.zeros_like(p)  # ghost mode sums p.grad, already clipped
+        if ghost:
+            p.grad = torch.zeros_like(p)
         else:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
