@@ -46,7 +46,14 @@ from fedlora.client.centering import (
     feature_statistics,
 )
 from fedlora.client.modes import NodeMode, node_mode
-from fedlora.client.private import center_release, open_ledger, precheck, private_train
+from fedlora.client.private import (
+    center_release,
+    open_ledger,
+    precheck,
+    private_train,
+    public_examples,
+    require_site_dp,
+)
 from fedlora.client.secagg import fedlora_secagg_train, is_secagg_fit, secagg_mod
 from fedlora.client.train import EncodedDataset, encode, evaluate, local_train, round_generator
 from fedlora.client.upload import build_upload
@@ -75,6 +82,7 @@ from fedlora.models import (
     trainable_state,
 )
 from fedlora.privacy.central import client_clipping_mod
+from fedlora.privacy.releases import METRIC_DELTA, METRIC_EPSILON
 from fedlora.simulations.attacks import flip_labels, poison_update
 from fedlora.strategies.protocol import KEY_LORA_RANK, QUERY_LORA_RANK, RANK_RECORD
 
@@ -90,6 +98,7 @@ NODE_LABEL_COLUMN = "label-column"
 ERROR_CODE_USER = 4001  # fixable input problem at the node (data, config, model)
 ERROR_CODE_PRIVACY = 4002  # DP asked for but not applicable: the node refuses (fails closed)
 ERROR_CODE_BUDGET = 4003  # the node's own privacy budget would be exceeded
+ERROR_CODE_INTERNAL = 4000  # an unexpected error at the node; details stay in its log
 
 
 def error_reply(msg: Message, exc: BaseException, code: int | None = None) -> Message:
@@ -103,6 +112,25 @@ def error_reply(msg: Message, exc: BaseException, code: int | None = None) -> Me
             else ERROR_CODE_USER
         )
     return Message(error=Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+def failure_reply(msg: Message, exc: Exception, what: str) -> Message:
+    """The reply for any failure of a handler.
+
+    A :class:`FedloraError` carries a sentence written for people (what, value,
+    fix). Anything else (an ``OSError`` from a disk, a bug) is logged here
+    with its traceback, and the server is told only its type: a raw message
+    or traceback can carry the site's paths and data.
+    """
+    if isinstance(exc, FedloraError):
+        log.error("%s failed: %s", what, exc)
+        return error_reply(msg, exc)
+    log.exception("%s failed with an unexpected error", what)
+    reason = (
+        f"{type(exc).__name__}: internal error at the node during {what}; "
+        "the node's log has the details"
+    )
+    return Message(error=Error(code=ERROR_CODE_INTERNAL, reason=reason), reply_to=msg)
 
 
 @lru_cache(maxsize=4)
@@ -289,6 +317,7 @@ def statistics_reply(
     """Sum and count of this node's sentence vectors (see fedlora.client.centering)."""
     try:
         cfg = run_config_of(context, overrides)
+        require_site_dp(cfg, context, "the feature-statistics query")
         if not cfg.lora.feature_centering:
             # Only a run that centres its head may read the data for this.
             raise ConfigError(
@@ -305,9 +334,8 @@ def statistics_reply(
             raise ConfigError(f"feature-centering does not fit dp-mode={cfg.privacy.dp_mode}")
         _cfg, model, encoded, _site = prepare(msg, context, overrides)
         total, count = feature_statistics(model, encoded, cfg, ledger)
-    except FedloraError as exc:
-        log.error("feature statistics failed: %s", exc)
-        return error_reply(msg, exc)
+    except Exception as exc:  # every failure is a reply; see failure_reply
+        return failure_reply(msg, exc, "feature statistics")
     content[STATS_RECORD] = ArrayRecord(
         {
             KEY_FEATURE_SUM: Array(total.astype(np.float64)),
@@ -322,7 +350,8 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
     privacy: dict[str, float] = {}
     try:
         cfg = run_config_of(context, overrides)
-        server_round = int(msg.content.config_records[CONFIG_KEY].get(KEY_SERVER_ROUND, 0))  # type: ignore[arg-type]
+        require_site_dp(cfg, context, "training")
+        server_round = server_round_of(msg)
         if cfg.privacy.dp_mode == "local":
             # The node's own budget is checked before its data is read.
             ledger, limits = open_ledger(cfg, context)
@@ -344,20 +373,44 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
             )
         server_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         record = build_upload(trained, received, cfg.train, server_config, context.state)
-    except FedloraError as exc:
-        log.error("train failed: %s", exc)
-        return error_reply(msg, exc)
-    metrics = MetricRecord(
-        {
-            METRIC_NUM_EXAMPLES: result.num_examples,
-            METRIC_LOSS: result.loss,
-            METRIC_ACCURACY: result.accuracy,
-            METRIC_BYTES_SENT: payload_bytes(record),
-            METRIC_TRAIN_TIME: result.seconds,
-            **privacy,
-        }
-    )
+        if cfg.privacy.dp_mode == "local":
+            # Only fixed or accounted figures (fedlora.privacy.releases).
+            metrics = MetricRecord(
+                {
+                    METRIC_NUM_EXAMPLES: public_examples(context),
+                    METRIC_BYTES_SENT: payload_bytes(record),
+                    METRIC_EPSILON: privacy[METRIC_EPSILON],
+                    METRIC_DELTA: privacy[METRIC_DELTA],
+                }
+            )
+        else:
+            metrics = MetricRecord(
+                {
+                    METRIC_NUM_EXAMPLES: result.num_examples,
+                    METRIC_LOSS: result.loss,
+                    METRIC_ACCURACY: result.accuracy,
+                    METRIC_BYTES_SENT: payload_bytes(record),
+                    METRIC_TRAIN_TIME: result.seconds,
+                }
+            )
+    except Exception as exc:  # every failure is a reply; see failure_reply
+        return failure_reply(msg, exc, "training")
     return Message(content=RecordDict({ARRAYS_KEY: record, "metrics": metrics}), reply_to=msg)
+
+
+def server_round_of(msg: Message) -> int:
+    """The round number the server put in a train message (0 if absent).
+
+    Raises
+    ------
+    ConfigError
+        If it is not a whole number >= 0: the ledger records it.
+    """
+    config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    value = config.get(KEY_SERVER_ROUND, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"the server sent {KEY_SERVER_ROUND}={value!r}; expected an int >= 0")
+    return value
 
 
 def evaluate_handler(
@@ -365,11 +418,19 @@ def evaluate_handler(
 ) -> Message:
     """Evaluate the global adapter on local data (federated evaluation)."""
     try:
+        cfg = run_config_of(context, overrides)
+        require_site_dp(cfg, context, "federated evaluation")
+        if cfg.privacy.dp_mode == "local":
+            raise PrivacyError(
+                "federated evaluation under dp-mode=local would send the exact loss and "
+                "accuracy of this site's data for any adapter the server sends, with no "
+                "ledger entry; the node refuses. Set fraction-evaluate=0 (the server "
+                "evaluates the global adapter on its own held-out split)"
+            )
         _cfg, model, encoded, _site = prepare(msg, context, overrides)
         loss, accuracy, n = evaluate(model, encoded)
-    except FedloraError as exc:
-        log.error("evaluate failed: %s", exc)
-        return error_reply(msg, exc)
+    except Exception as exc:  # every failure is a reply; see failure_reply
+        return failure_reply(msg, exc, "evaluation")
     metrics = MetricRecord({METRIC_NUM_EXAMPLES: n, METRIC_LOSS: loss, METRIC_ACCURACY: accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 

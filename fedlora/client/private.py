@@ -2,9 +2,12 @@
 
 The order of a private round is the point of this module:
 
-1. Read the node's *own* privacy settings (ε cap, δ, ledger folder) from its
-   node config — the server's run config cannot set or raise them.
-2. Open the node's ledger (keyed by federation and dataset) and, if an
+1. Read the node's *own* privacy settings (ε cap, δ, accountant, ledger
+   folder) from its node config — the server's run config cannot set, raise
+   or reset them. A node with a cap refuses any work without local DP
+   (:func:`require_site_dp`).
+2. Open the node's ledger (keyed by its data alone for a real site, so no
+   run-config value can open a fresh one) and, if an
    earlier round shows that another one would pass the cap, refuse **before
    the data is read**.
 3. Read the data, work out this round's exact cost (sample rate, steps,
@@ -36,9 +39,10 @@ from fedlora.client.train import (
 )
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, PrivacyError
-from fedlora.privacy.accounting import noise_multiplier_for, steps_per_round
+from fedlora.privacy.accounting import HistoryEntry, noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import DPConfig, make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.releases import DEFAULT_PUBLIC_EXAMPLES, METRIC_DELTA, METRIC_EPSILON
 
 # Node-config keys a site's operator sets (never the server).
 NODE_EPSILON_CAP = "privacy-epsilon-cap"
@@ -46,6 +50,12 @@ NODE_DELTA = "privacy-delta"
 NODE_LEDGER_DIR = "privacy-ledger-dir"
 NODE_ACCOUNTANT = "privacy-accountant"
 NODE_DATA_PATH = "data-path"
+NODE_PUBLIC_EXAMPLES = "privacy-public-examples"
+
+#: The ledger scope of a real site. A site's ledger is keyed by its data,
+#: never by a name from the server's run config (``federation``): that name
+#: could otherwise open a fresh, empty ledger for the same data at will.
+SITE_SCOPE = "site"
 
 
 @dataclass(frozen=True)
@@ -74,16 +84,19 @@ def node_privacy(cfg: RunConfig, context: Context) -> NodePrivacy:
             cap, delta = float(node[NODE_EPSILON_CAP]), float(node[NODE_DELTA])  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"node privacy settings must be numbers: {exc}") from None
-        if not cap > 0 or not 0 < delta < 1:
+        if not (math.isfinite(cap) and cap > 0) or not 0 < delta < 1:
             raise ConfigError(
                 f"node config has privacy-epsilon-cap={cap}, privacy-delta={delta}; "
-                "need cap > 0 and 0 < delta < 1"
+                "need a finite cap > 0 (a site's cap cannot be switched off) and 0 < delta < 1"
             )
+        accountant = str(node.get(NODE_ACCOUNTANT, "rdp"))  # the site's, not the run's
+        if accountant not in ("rdp", "prv"):
+            raise ConfigError(f"node config has privacy-accountant={accountant!r}; use rdp or prv")
         return NodePrivacy(
             epsilon_cap=cap,
             delta=delta,
             ledger_dir=Path(str(node[NODE_LEDGER_DIR])),
-            accountant=str(node.get(NODE_ACCOUNTANT, cfg.privacy.dp_accountant)),
+            accountant=accountant,
         )
     # A virtual node has no config of its own: the simulation stands in for it.
     p = cfg.privacy
@@ -113,17 +126,93 @@ def dataset_identity(cfg: RunConfig, context: Context) -> str:
     )
 
 
+def ledger_scope(cfg: RunConfig, context: Context) -> str:
+    """What the ledger is keyed by besides the data: fixed for a real site; the
+    simulation's federation name for a virtual node (the researcher runs both
+    sides, and separate sweeps must not share spend)."""
+    return SITE_SCOPE if NODE_DATA_PATH in context.node_config else cfg.privacy.federation
+
+
+def require_site_dp(cfg: RunConfig, context: Context, what: str) -> None:
+    """A node whose operator set an ε cap works under local DP or not at all.
+
+    The server chooses ``dp-mode``; without this check ``dp-mode=none`` (or a
+    central mode) at a capped node would train and send an exact adapter and
+    record nothing.
+
+    Raises
+    ------
+    PrivacyError
+        If the node config has ``privacy-epsilon-cap`` and the run's dp-mode
+        is not ``local``.
+    """
+    if NODE_EPSILON_CAP in context.node_config and cfg.privacy.dp_mode != "local":
+        raise PrivacyError(
+            f"this node has privacy-epsilon-cap={context.node_config[NODE_EPSILON_CAP]} "
+            f"in its node config and refuses {what} under dp-mode={cfg.privacy.dp_mode}: "
+            "every release from its data must be local DP. Run with dp-mode=local, or "
+            "the node's operator removes the cap"
+        )
+
+
+def public_examples(context: Context) -> int:
+    """The example count a DP node reports as its weight: a number its operator
+    chose to publish (``privacy-public-examples``), else 1 — never the size of
+    its data, which would be an unaccounted release."""
+    raw = context.node_config.get(NODE_PUBLIC_EXAMPLES, DEFAULT_PUBLIC_EXAMPLES)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise ConfigError(
+            f"node config has {NODE_PUBLIC_EXAMPLES}={raw!r}; give a whole number >= 1 "
+            "(the count this site is willing to publish as its weight)"
+        )
+    return raw
+
+
 def open_ledger(cfg: RunConfig, context: Context) -> tuple[PrivacyLedger, NodePrivacy]:
-    """The node's ledger for this federation and dataset (created if new)."""
+    """The node's ledger for its data (created if new).
+
+    Ledgers an earlier fedlora kept for the same data under a federation name
+    (before the key was the data alone) still count: their history is composed
+    with this one's in every budget check (``prior``).
+    """
     limits = node_privacy(cfg, context)
+    identity = dataset_identity(cfg, context)
     ledger = PrivacyLedger.open(
         limits.ledger_dir,
-        cfg.privacy.federation,
-        dataset_identity(cfg, context),
+        ledger_scope(cfg, context),
+        identity,
         limits.delta,
         limits.accountant,
     )
+    if NODE_DATA_PATH in context.node_config:
+        ledger.prior = prior_history(limits.ledger_dir, identity, ledger.key, limits)
     return ledger, limits
+
+
+def prior_history(
+    folder: Path, identity: str, own_key: str, limits: NodePrivacy
+) -> tuple[HistoryEntry, ...]:
+    """Histories of every other ledger in ``folder`` kept for the same data.
+
+    Fails closed: an unreadable ledger file in the folder, or one kept with
+    another δ or accountant, is an error, not "no spend".
+    """
+    history: list[HistoryEntry] = []
+    for path in sorted(folder.glob("ledger-*.json")):
+        if path.stem == own_key:
+            continue
+        other = PrivacyLedger.load(path)
+        if other.dataset_fingerprint != identity:
+            continue
+        if other.delta != limits.delta or other.accountant != limits.accountant:
+            raise PrivacyError(
+                f"privacy ledger {path} holds spend on this node's data under "
+                f"delta={other.delta}, accountant {other.accountant}, not "
+                f"{limits.delta}, {limits.accountant}; set the node's privacy-delta and "
+                "privacy-accountant to match it"
+            )
+        history.extend(other.history)
+    return tuple(history)
 
 
 def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
@@ -135,8 +224,14 @@ def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
     """
     if not ledger.rounds or math.isinf(limits.epsilon_cap):
         return
+    # The last round's releases are the trailing entries with its number:
+    # an earlier run's round of the same number is history, not this estimate.
     last = ledger.rounds[-1].server_round
-    same = [r.history_entry for r in ledger.rounds if r.server_round == last]
+    same: list[HistoryEntry] = []
+    for entry in reversed(ledger.rounds):
+        if entry.server_round != last:
+            break
+        same.insert(0, entry.history_entry)
     ledger.check_budget(limits.epsilon_cap, *same[-1], extra=same[:-1])
 
 
@@ -234,11 +329,8 @@ def private_train(
         log_prior,
     )
     spent = ledger.record_round(server_round, sigma, sample_rate, steps)
-    metrics = {
-        "epsilon": float(spent),
-        "delta": float(limits.delta),
-        "noise-multiplier": float(sigma),
-        "dp-steps": float(steps),
-    }
+    # Only the ledger's totals leave (fedlora.privacy.releases); sigma and the
+    # step count stay at the node.
+    metrics = {METRIC_EPSILON: float(spent), METRIC_DELTA: float(limits.delta)}
     result = TrainResult(result.loss, result.accuracy, len(dataset), result.steps, result.seconds)
     return result, work, metrics

@@ -48,7 +48,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 from fedlora.errors import ConfigError, FedloraError
@@ -65,6 +65,10 @@ MAX_WEIGHT_KEY = "fedlora-secagg-max-weight"
 ROUND_KEY = "server-round"  # equals fedlora.config.KEY_SERVER_ROUND
 METRIC_CLIPPED = "secagg-clipped-fraction"
 REQUIRE_KEY = "require-secagg"  # node config: refuse plain training requests
+# node config: the fewest other nodes whose shares the server must collect
+# to unmask anything (default 3: no pair, and no server alone, can unmask)
+MIN_THRESHOLD_KEY = "secagg-min-threshold"
+DEFAULT_MIN_THRESHOLD = 3
 # Error codes, mirroring fedlora.client.app (importing it would pull in torch).
 ERROR_CODE_USER = 4001
 ERROR_CODE_SECAGG_REQUIRED = 4002  # = ERROR_CODE_PRIVACY: the node refuses (fails closed)
@@ -103,6 +107,9 @@ def secagg_mod(required: bool | None = None) -> Mod:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         if RECORD_KEY_CONFIGS in msg.content.config_records:
+            refusal = check_setup(msg, context)
+            if refusal is not None:
+                return _error(msg, refusal, ERROR_CODE_SECAGG_REQUIRED)
             return _run_protocol_step(msg, context, call_next)
         must = required if required is not None else _node_requires(context)
         if must:
@@ -115,6 +122,40 @@ def secagg_mod(required: bool | None = None) -> Mod:
         return call_next(msg, context)
 
     return mod
+
+
+def check_setup(msg: Message, context: Context) -> SecAggRequired | None:
+    """Why this node refuses the server's SecAgg+ set-up, or None.
+
+    The server picks the protocol's share count and reconstruction threshold;
+    a hostile one could ask for a threshold of 1 (or shares below half the
+    sample) and unmask one node's update. The node checks them itself: the
+    threshold must be at least its operator's ``secagg-min-threshold`` and
+    above half the shares (so two disjoint groups cannot both reconstruct).
+    """
+    config = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if config.get(Key.STAGE) != Stage.SETUP:
+        return None
+    raw_min = context.node_config.get(MIN_THRESHOLD_KEY, DEFAULT_MIN_THRESHOLD)
+    if isinstance(raw_min, bool) or not isinstance(raw_min, int) or raw_min < 2:
+        return SecAggRequired(
+            f"node config has {MIN_THRESHOLD_KEY}={raw_min!r}; give a whole number >= 2"
+        )
+    threshold, shares = config.get(Key.THRESHOLD), config.get(Key.SHARE_NUMBER)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (threshold, shares)):
+        return SecAggRequired(
+            f"SecAgg+ set-up has threshold={threshold!r}, share_num={shares!r}; not integers"
+        )
+    assert isinstance(threshold, int) and isinstance(shares, int)
+    if threshold < raw_min or 2 * threshold <= shares:
+        return SecAggRequired(
+            f"the server's SecAgg+ set-up has reconstruction threshold {threshold} of "
+            f"{shares} shares; this node requires a threshold >= {raw_min} "
+            f"({MIN_THRESHOLD_KEY}) and above half the shares, or the server could "
+            "unmask a single update. The operator raises reconstruction_threshold (or "
+            "samples more nodes)"
+        )
+    return None
 
 
 def _node_requires(context: Context) -> bool:

@@ -29,7 +29,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -136,6 +136,9 @@ class PrivacyLedger:
     delta: float
     accountant: str
     rounds: tuple[LedgerRound, ...] = ()
+    #: Spend on the same data kept in other ledger files (read at open, never
+    #: written here): composed with this ledger's history in every figure.
+    prior: tuple[HistoryEntry, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         epsilon([], self.delta, self.accountant)  # validates both
@@ -148,6 +151,9 @@ class PrivacyLedger:
     def history(self) -> list[HistoryEntry]:
         """``(noise_multiplier, sample_rate, steps)`` per recorded round."""
         return [r.history_entry for r in self.rounds]
+
+    def _composed(self) -> list[HistoryEntry]:
+        return [*self.prior, *self.history]
 
     @classmethod
     def open(
@@ -171,9 +177,19 @@ class PrivacyLedger:
             and starting afresh would forget it.
         """
         folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{ledger_key(federation, dataset_fingerprint)}.json"
-        with _exclusive(path):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = _exclusive(path)
+            lock.__enter__()
+        except OSError as err:
+            raise PrivacyError(
+                f"privacy ledger folder {folder} cannot be used ({type(err).__name__}: "
+                f"{err.strerror or err}); the node trains nothing until it can record "
+                "its spend. Check the folder's permissions and free space"
+            ) from None
+        with contextlib.ExitStack() as stack:
+            stack.push(lock)
             if path.exists():
                 ledger = cls._load(path)
                 if ledger.delta != delta or ledger.accountant != accountant:
@@ -189,6 +205,11 @@ class PrivacyLedger:
             ledger = cls(path, federation, dataset_fingerprint, delta, accountant)
             ledger._write(ledger.state_dict())
             return ledger
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
+        """Read and validate one ledger file (fails closed, like :meth:`open`)."""
+        return cls._load(Path(path))
 
     @classmethod
     def _load(cls, path: Path) -> PrivacyLedger:
@@ -207,7 +228,7 @@ class PrivacyLedger:
 
     def spent_epsilon(self) -> float:
         """Return the epsilon spent by every recorded round, composed."""
-        return epsilon(self.history, self.delta, self.accountant)
+        return epsilon(self._composed(), self.delta, self.accountant)
 
     def projected_epsilon(
         self,
@@ -222,7 +243,7 @@ class PrivacyLedger:
         call: epsilons do not add.
         """
         entry = (noise_multiplier, sample_rate, steps)
-        return epsilon([*self.history, *extra, entry], self.delta, self.accountant)
+        return epsilon([*self._composed(), *extra, entry], self.delta, self.accountant)
 
     def check_budget(
         self,
@@ -245,7 +266,11 @@ class PrivacyLedger:
             A :class:`PrivacyBudgetExceeded`, if the round would take the spend
             past ``cap_epsilon``; the ledger is left unchanged.
         """
-        if type(cap_epsilon) not in (int, float) or not cap_epsilon > 0:
+        if (
+            type(cap_epsilon) not in (int, float)
+            or not cap_epsilon > 0
+            or cap_epsilon != cap_epsilon
+        ):
             raise ConfigError(f"privacy-epsilon-cap={cap_epsilon!r} must be > 0")
         projected = self.projected_epsilon(noise_multiplier, sample_rate, steps, extra)
         if projected > cap_epsilon:
@@ -280,7 +305,16 @@ class PrivacyLedger:
             epsilon_after=eps,
         )
         rounds = (*self.rounds, entry)
-        with _exclusive(self.path):
+        try:
+            lock = _exclusive(self.path)
+            lock.__enter__()
+        except OSError as err:
+            raise PrivacyError(
+                f"privacy ledger {self.path} cannot be locked ({type(err).__name__}); the "
+                "spend of this round is not recorded, so its update must not be sent"
+            ) from None
+        with contextlib.ExitStack() as stack:
+            stack.push(lock)
             on_disk = self._load(self.path) if self.path.exists() else None
             if on_disk is None or on_disk.rounds != self.rounds:
                 raise PrivacyError(
