@@ -204,6 +204,10 @@ def _unpack4(packed: np.ndarray, n: int) -> np.ndarray:
     return nibbles[:n] - 8
 
 
+#: Largest tensor a payload may declare (2^28 floats = 1 GiB; a LoRA factor is far smaller).
+MAX_DECODED_ELEMENTS = 1 << 28
+
+
 def decode(encoded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Restore a state from :func:`encode`'s output: names, shapes, float32.
 
@@ -239,8 +243,16 @@ def _decode_one(key: str, fields: Mapping[str, np.ndarray]) -> np.ndarray:
     shape_arr = fields["shape"].reshape(-1)
     if shape_arr.dtype.kind not in "iu" or np.any(shape_arr < 0):
         raise UpdateRejected(f"payload for {key!r} has a bad shape {shape_arr}")
+    if shape_arr.size > 8:
+        raise UpdateRejected(f"payload for {key!r} has {shape_arr.size} dimensions")
     shape = tuple(int(d) for d in shape_arr)
     n = math.prod(shape)
+    if n > MAX_DECODED_ELEMENTS:
+        # Checked before anything is allocated: a hostile shape must not
+        # become a MemoryError (or an OverflowError) inside the server.
+        raise UpdateRejected(
+            f"payload for {key!r} declares {n} elements (limit {MAX_DECODED_ELEMENTS})"
+        )
     block = int(fields["block"].reshape(-1)[0]) if fields["block"].size == 1 else 0
     if block < 1:
         raise UpdateRejected(f"payload for {key!r} has a bad block size")

@@ -34,6 +34,7 @@ METRIC_LOSS = "loss"
 METRIC_ACCURACY = "accuracy"
 METRIC_BYTES_SENT = "bytes-sent"
 METRIC_TRAIN_TIME = "train-time-s"
+MAX_ROUNDS = 100_000
 # Name of the ArrayRecord holding the adapter tensors in messages.
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -306,7 +307,9 @@ class PrivacySettings:
     )
     dp_grad_sample_mode: str = _field("hooks", "Opacus per-sample gradients: hooks, functorch.")
     federation: str = _field(
-        "fedlora", "Federation name; keys each node's privacy ledger (never shared across)."
+        "fedlora",
+        "Federation name. Keys a *virtual* node's ledger in simulations; a real site's "
+        "ledger is keyed by its data alone, so this name cannot reset its spend.",
     )
     sim_epsilon_cap: float = _field(
         0.0, "Simulation only: every virtual node's ε cap (0 = no cap)."
@@ -376,7 +379,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    num_server_rounds: int = _field(8, "Federated rounds.")
+    num_server_rounds: int = _field(8, "Federated rounds (1 to 100000).")
     fraction_train: float = _field(1.0, "Share of connected nodes sampled per round.")
     fraction_evaluate: float = _field(0.0, "Share of nodes asked for federated eval.")
     min_train_nodes: int = _field(2, "Fewest nodes a round may train with.")
@@ -389,6 +392,11 @@ class RunConfig:
     round_timeout: float = _field(3600.0, "Seconds to wait for replies in a round.")
     update_max_norm: float = _field(
         0.0, "Reject updates whose L2 norm exceeds this (0 = 10x the initial adapter's norm)."
+    )
+    max_reported_examples: int = _field(
+        1_000_000,
+        "Largest example count (the FedAvg weight) a node's reply may carry; a larger one "
+        "is rejected, so no single node can outweigh the rest by claiming more data.",
     )
     secagg: bool = _field(False, "Secure aggregation (Flower SecAgg+): the server sees only sums.")
     secagg_clipping_range: float = _field(
@@ -424,11 +432,25 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.num_server_rounds >= 1,
+            1 <= self.num_server_rounds <= MAX_ROUNDS,
             "num-server-rounds",
             self.num_server_rounds,
+            f"1 <= x <= {MAX_ROUNDS}",
+        )
+        _require(0 <= self.seed < 2**63, "seed", self.seed, "0 <= seed < 2**63")
+        _require(
+            self.max_reported_examples >= 1,
+            "max-reported-examples",
+            self.max_reported_examples,
             ">= 1",
         )
+        if self.privacy.dp_mode == "local" and self.fraction_evaluate > 0:
+            raise ConfigError(
+                f"fraction-evaluate={self.fraction_evaluate} does not fit dp-mode=local: "
+                "federated evaluation would release each site's exact loss and accuracy, "
+                "which no ledger accounts, so DP nodes refuse it. Set fraction-evaluate=0 "
+                "(the server still evaluates on its own held-out split)"
+            )
         _require(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "0 < x <= 1")
         _require(
             0 <= self.fraction_evaluate <= 1,

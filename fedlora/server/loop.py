@@ -49,6 +49,7 @@ from fedlora.config import (
     METRIC_LOSS,
     RunConfig,
 )
+from fedlora.server.gate import ReplyLimits, gate_replies
 
 log = logging.getLogger("fedlora.server")
 
@@ -329,6 +330,7 @@ def run_rounds(
     sites = SiteRegistry()
     exchange = Exchange(grid, sites)
     exhausted: set[str] = set()
+    limits = ReplyLimits.for_run(cfg, arrays)
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         start = time.perf_counter()
         wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout)
@@ -356,6 +358,8 @@ def run_rounds(
         replies = exchange.send(messages, cfg.round_timeout, rnd, "train")
         ok, failures = split_replies(replies, nodes, sites, exhausted, sent=messages)
         failures.extend(exchange.last_late)
+        ok, refused = gate_replies(ok, limits)
+        failures.extend(_name_site(line, sites) for line in refused)
         if reply_filter is not None:
             ok, rejected = reply_filter(rnd, ok)
             failures.extend(_name_site(line, sites) for line in rejected)
@@ -368,8 +372,20 @@ def run_rounds(
                 + "; ".join(failures)
             )
         new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
-        if new_arrays is not None:
-            arrays = new_arrays
+        if new_arrays is None:
+            # Never a silent no-op round (Flower's DP wrappers return None
+            # when they will not release): stop, keeping the last good adapter.
+            raise RunStopped(
+                f"round {rnd}: the strategy produced no global update from {len(ok)} "
+                "accepted replies; failures: " + ("; ".join(failures) or "none")
+            )
+        bad = nonfinite_tensor(new_arrays)
+        if bad is not None:
+            raise RunStopped(
+                f"round {rnd}: the aggregate has non-finite values in {bad!r}; the round "
+                "is discarded and the last finite global adapter kept"
+            )
+        arrays = new_arrays
         outcome = RoundOutcome(
             server_round=rnd,
             arrays=arrays,
@@ -397,6 +413,8 @@ def run_rounds(
                 sites,
                 sent=eval_msgs,
             )
+            eval_ok, eval_refused = gate_replies(eval_ok, limits, evaluate=True)
+            eval_fail.extend(_name_site(line, sites) for line in eval_refused)
             outcome.failures.extend(f"evaluate: {f}" for f in eval_fail)
             if eval_ok:
                 outcome.eval_metrics = _metric_dict(strategy.aggregate_evaluate(rnd, eval_ok))
@@ -405,6 +423,14 @@ def run_rounds(
         outcome.seconds = time.perf_counter() - start
         on_round(outcome)
     return arrays
+
+
+def nonfinite_tensor(arrays: ArrayRecord) -> str | None:
+    """The first tensor of ``arrays`` holding NaN or inf, or None."""
+    for name, array in arrays.items():
+        if not np.all(np.isfinite(array.numpy())):
+            return name
+    return None
 
 
 def measure_feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig) -> np.ndarray:

@@ -114,8 +114,8 @@ def decode_reply(msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None
     for name, array in record.items():
         try:
             state[name] = array.numpy()
-        except (TypeError, ValueError, EOFError, OSError) as err:
-            return None, f"tensor {name!r} cannot be decoded ({type(err).__name__}: {err})"
+        except Exception as err:  # hostile bytes can raise anything: drop, say why
+            return None, f"tensor {name!r} cannot be decoded ({type(err).__name__})"
     return state, None
 
 
@@ -156,6 +156,8 @@ def make_update_validator(
             return decode(msg), None
         except (ValueError, TypeError) as err:
             return None, str(err)
+        except Exception as err:  # hostile bytes can raise anything: drop, say why
+            return None, f"payload cannot be decoded ({type(err).__name__})"
 
     def validate(server_round: int, replies: list[Message]) -> tuple[list[Message], list[str]]:
         kept: list[Message] = []
@@ -190,9 +192,10 @@ def make_decoded_filter(decode: Callable[[Message], object]) -> ReplyFilter:
         for msg in replies:
             try:
                 decode(msg)
-            except (ValueError, TypeError) as err:  # UpdateRejected is a ValueError
+            except Exception as err:  # UpdateRejected (a ValueError) or hostile bytes
                 node = f"node {msg.metadata.src_node_id}"
-                reason = str(err)  # decoders name the node first; say it once
+                reason = str(err) if isinstance(err, ValueError | TypeError) else type(err).__name__
+                # decoders name the node first; say it once
                 if reason.startswith(node):
                     reason = reason[len(node) :].lstrip(": ")
                 rejected.append(f"{node}: update rejected: {reason}")

@@ -85,8 +85,10 @@ def record_state(record: ArrayRecord) -> State:
     for name, arr in record.items():
         try:
             state[name] = arr.numpy()
-        except (TypeError, ValueError, EOFError, OSError) as exc:
-            raise UpdateRejected(f"payload entry {name!r} cannot be read: {exc}") from None
+        except Exception as exc:  # untrusted bytes can raise anything
+            raise UpdateRejected(
+                f"payload entry {name!r} cannot be read ({type(exc).__name__})"
+            ) from None
     return state
 
 

@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 
 from fedlora.config import CONFIG_KEY
 from fedlora.strategies.hetero_rank import aggregate_hetero, split_for_rank
-from fedlora.strategies.lora_math import State, dense_keys, lora_pairs
+from fedlora.strategies.lora_math import LORA_A_SUFFIX, State, dense_keys, lora_pairs
 from fedlora.strategies.lora_strategy import (
     LoraStrategy,
     revive_dead_directions,
@@ -133,7 +133,7 @@ class HeteroRank(LoraStrategy):
             return []
         # fedlora's round loop has already sampled: every node in the view takes part.
         nodes = list(grid.get_node_ids())
-        self._learn_ranks(grid, [n for n in nodes if n not in self.node_ranks])
+        self._learn_ranks(grid, [n for n in nodes if n not in self.node_ranks], max_rank(arrays))
         deltas, dense = self._global_mean(arrays)
         default_rank = state_rank(arrays)
         config["server-round"] = server_round
@@ -151,7 +151,7 @@ class HeteroRank(LoraStrategy):
             messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
         return messages
 
-    def _learn_ranks(self, grid: Grid, nodes: list[int]) -> None:
+    def _learn_ranks(self, grid: Grid, nodes: list[int], limit: int) -> None:
         if not nodes:
             return
         query = RecordDict({CONFIG_KEY: ConfigRecord({QUERY_LORA_RANK: 1})})
@@ -162,10 +162,15 @@ class HeteroRank(LoraStrategy):
             node = reply.metadata.src_node_id
             record = None if reply.has_error() else reply.content.config_records.get(RANK_RECORD)
             value = None if record is None else record.get(KEY_LORA_RANK)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit:
                 self.node_ranks[node] = value
             else:
-                log.warning("node %d did not say its lora-rank; sending it the global rank", node)
+                log.warning(
+                    "node %d did not say a lora-rank in 1..%d (got %r); sending it the global rank",
+                    node,
+                    limit,
+                    value,
+                )
 
     def _global_mean(self, arrays: ArrayRecord) -> tuple[dict[str, np.ndarray], State]:
         digest = _digest(arrays)
@@ -207,6 +212,18 @@ class HeteroRank(LoraStrategy):
         for node in self.sent.nodes() - replied:
             self.node_ranks.pop(node, None)
         return super().aggregate_train(server_round, replies)
+
+
+def max_rank(arrays: ArrayRecord) -> int:
+    """The largest meaningful LoRA rank: a factor pair of shapes (r, in) and
+    (out, r) has rank at most min(in, out). A node asking for more is refused,
+    so a self-reported rank of 10^9 cannot make the server allocate."""
+    limits = [
+        min(int(arr.shape[1]), int(arrays[key.replace("lora_A", "lora_B")].shape[0]))
+        for key, arr in arrays.items()
+        if key.endswith(LORA_A_SUFFIX) and key.replace("lora_A", "lora_B") in arrays
+    ]
+    return min(limits) if limits else 1
 
 
 def _relative_error(exact: Mapping[str, np.ndarray], approx: Mapping[str, np.ndarray]) -> float:

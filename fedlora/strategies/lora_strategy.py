@@ -25,6 +25,7 @@ reads it through :func:`fedlora.strategies.registry.client_mode`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -188,10 +189,15 @@ class LoraStrategy(FedAvg):
     def _weight_of(self, reply: Message, source: str) -> float:
         records = list(reply.content.metric_records.values())
         value = records[0].get(self.weighted_by_key) if len(records) == 1 else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
             raise UpdateRejected(
-                f"{source} sent no positive {self.weighted_by_key!r} metric (got {value!r}); "
-                "it is the update's weight"
+                f"{source} sent no positive finite {self.weighted_by_key!r} metric (got "
+                f"{value!r}); it is the update's weight"
             )
         return float(value)
 
