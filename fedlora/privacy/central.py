@@ -18,12 +18,13 @@ it) and the report says so instead of printing a number.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.serverapp import PrivacyConfig, RdpAccountant
+from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -85,12 +86,15 @@ def wrap_central(
             if mode == "central-server-fixed"
             else DifferentialPrivacyClientSideFixedClipping
         )
-        return fixed(
-            strategy,
-            noise_multiplier=noise_multiplier,
-            clipping_norm=clipping_norm,
-            num_sampled_clients=num_sampled_clients,
-            accountant=accountant,
+        return FixedDenominator(
+            fixed(
+                strategy,
+                noise_multiplier=noise_multiplier,
+                clipping_norm=clipping_norm,
+                num_sampled_clients=num_sampled_clients,
+                accountant=accountant,
+            ),
+            num_sampled_clients,
         )
     adaptive = (
         DifferentialPrivacyServerSideAdaptiveClipping
@@ -103,6 +107,94 @@ def wrap_central(
         num_sampled_clients=num_sampled_clients,
         initial_clipping_norm=clipping_norm,
     )
+
+
+class FixedDenominator(Strategy):
+    """Make Flower's accounted fixed-clipping wrappers release every round.
+
+    Under flwr 1.42 those wrappers refuse (return no update) when client
+    weights differ or when fewer than ``num_sampled_clients`` replies arrive,
+    and a refused round looks like a completed one. User-level DP-FedAvg
+    (McMahan et al., 2018, https://arxiv.org/abs/1710.06963) has a fixed
+    answer to both: every client weighs the same, and the sum is divided by
+    the number *sampled*, not the number that replied. So each good reply's
+    weight becomes 1, and each missing reply is stood in for by the round's
+    global arrays (a zero update) -- the released mean is then
+    ``sum(clipped deltas) / m + noise(σC/m)``, exactly what the accountant
+    prices. Train metrics are aggregated over the real replies only.
+    """
+
+    def __init__(self, dp: Strategy, num_sampled_clients: int) -> None:
+        self.dp = dp
+        self.num_sampled_clients = num_sampled_clients
+        self._arrays: ArrayRecord | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # privacy_spent, accountant, ...: the wrapper's own.
+        if name == "dp":
+            raise AttributeError(name)
+        return getattr(self.dp, name)
+
+    def summary(self) -> None:
+        """The wrapper's summary."""
+        self.dp.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapper's messages; the arrays are kept to stand in for absentees."""
+        self._arrays = arrays
+        return self.dp.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Equal weights, absentees as zero updates, then the accounted release."""
+        real = [r for r in replies if not r.has_error()]
+        if not real or self._arrays is None:
+            return None, None
+        if len(real) > self.num_sampled_clients:
+            raise PrivacyError(
+                f"round {server_round}: {len(real)} replies but the accountant priced "
+                f"{self.num_sampled_clients} sampled clients; refusing to release"
+            )
+        inner = getattr(self.dp, "strategy", None)
+        weight_key = getattr(inner, "weighted_by_key", "num-examples")
+        equal = [_with_weight(r, weight_key, self._arrays, keep_arrays=True) for r in real]
+        while len(equal) < self.num_sampled_clients:
+            equal.append(_with_weight(real[0], weight_key, self._arrays, keep_arrays=False))
+        arrays, _ = self.dp.aggregate_train(server_round, equal)
+        metrics = None
+        if inner is not None and hasattr(inner, "train_metrics_aggr_fn"):
+            metrics = inner.train_metrics_aggr_fn([r.content for r in real], weight_key)
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapper's."""
+        return self.dp.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The wrapper's."""
+        return self.dp.aggregate_evaluate(server_round, replies)
+
+
+def _with_weight(reply: Message, key: str, arrays: ArrayRecord, keep_arrays: bool) -> Message:
+    """A copy of ``reply`` with weight 1 (and, for a stand-in, the global arrays)."""
+    metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
+    content = RecordDict(
+        {
+            name: (record if keep_arrays else ArrayRecord(dict(arrays.items())))
+            for name, record in reply.content.array_records.items()
+        }
+    )
+    content["metrics"] = MetricRecord({**dict(metrics), key: 1})
+    out = copy.copy(reply)  # the caller's reply keeps what the node sent
+    out.content = content
+    return out
 
 
 def central_epsilon(strategy: Strategy) -> float | None:

@@ -1,0 +1,191 @@
+"""A hostile or broken node's reply never crashes or steers the server (issue 17).
+
+Unit checks of :mod:`fedlora.server.gate` on hand-built replies, then a real
+Flower simulation in which one node rewrites its replies (a client mod, the
+same place a compromised site's code would sit)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedlora.config import RunConfig
+from fedlora.privacy.releases import PLAIN_TRAIN_METRICS
+from fedlora.server.gate import ReplyLimits, check_train_reply, gate_replies, npy_header
+from fedlora.simulations.engine import Resources, simulate
+from fedlora.simulations.tiny import tiny_run_config
+from fedlora.strategies.hetero_strategy import max_rank
+
+GLOBAL = ArrayRecord(
+    {
+        "m.lora_A.weight": Array(np.zeros((4, 6), np.float32)),
+        "m.lora_B.weight": Array(np.zeros((5, 4), np.float32)),
+    }
+)
+
+
+def _limits(**kw: Any) -> ReplyLimits:
+    cfg = RunConfig.from_flat({"max-reported-examples": 1000, **kw})
+    return ReplyLimits.for_run(cfg, GLOBAL)
+
+
+def _metrics(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {k: 1.0 for k in PLAIN_TRAIN_METRICS}
+    base["num-examples"] = 10
+    return {**base, **over}
+
+
+def _reply(arrays: ArrayRecord | None = None, **metrics: Any) -> Message:
+    content = RecordDict({"arrays": arrays or GLOBAL, "metrics": MetricRecord(_metrics(**metrics))})
+    msg = Message(content=content, dst_node_id=3, message_type="train")
+    return msg
+
+
+def _npy_with_header(header: str, payload: bytes = b"") -> bytes:
+    text = header.encode("latin1")
+    text += b" " * (63 - len(text) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + payload
+
+
+def test_a_good_reply_passes(flower_task: Any) -> None:
+    assert check_train_reply(_reply(), _limits()) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        (math.nan, "not finite"),
+        (1e12, "outside 1..1000"),
+        (-5, "outside 1..1000"),
+        (0, "outside 1..1000"),
+        (2.5, "whole number"),
+    ],
+)
+def test_bad_weights_are_rejected(flower_task: Any, value: float, needle: str) -> None:
+    reason = check_train_reply(_reply(**{"num-examples": value}), _limits())
+    assert reason is not None and needle in reason
+
+
+def test_an_extra_or_missing_metric_key_is_rejected(flower_task: Any) -> None:
+    assert "unexpected ['x']" in str(check_train_reply(_reply(x=1.0), _limits()))
+    msg = _reply()
+    del msg.content.metric_records["metrics"]["loss"]
+    assert "missing ['loss']" in str(check_train_reply(msg, _limits()))
+
+
+def test_a_header_declaring_a_huge_tensor_is_rejected_without_allocating(
+    flower_task: Any,
+) -> None:
+    data = _npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (100000000000,), }")
+    array = Array(np.zeros((4, 6), np.float32))
+    array.data = data
+    arrays = ArrayRecord({"m.lora_A.weight": array})
+    reason = check_train_reply(_reply(arrays), _limits())
+    assert reason is not None and "declares shape (100000000000,)" in reason
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "{'descr': '|O', 'fortran_order': False, 'shape': (2,), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }",
+        "__import__('os')",
+        "{'descr': '<f4', 'shape': (2,)}",
+    ],
+)
+def test_malformed_npy_headers_raise_value_error(header: str) -> None:
+    with pytest.raises(ValueError):
+        npy_header(_npy_with_header(header, b"\x00" * 8))
+
+
+def test_npy_header_agrees_with_numpy() -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((3, 7), np.int8))
+    shape, dtype, offset = npy_header(buf.getvalue())
+    assert (shape, dtype) == ((3, 7), np.dtype(np.int8))
+    assert len(buf.getvalue()) - offset == 21
+
+
+def test_encoded_payloads_are_refused_when_compression_is_off(flower_task: Any) -> None:
+    arrays = ArrayRecord({"m.lora_A.weight::raw": Array(np.zeros(24, np.float32))})
+    reason = check_train_reply(_reply(arrays), _limits())
+    assert reason is not None and "compression=none" in reason
+    assert check_train_reply(_reply(arrays), _limits(compression="int8")) is None
+
+
+def test_unknown_tensors_and_extra_records_are_refused(flower_task: Any) -> None:
+    arrays = ArrayRecord({"base.weight": Array(np.zeros(3, np.float32))})
+    assert "not part of the global adapter" in str(check_train_reply(_reply(arrays), _limits()))
+    msg = _reply()
+    msg.content["extra"] = ConfigRecord({"a": 1})
+    assert "config records ['extra']" in str(check_train_reply(msg, _limits()))
+
+
+def test_gate_names_the_node_and_keeps_the_rest(flower_task: Any) -> None:
+    good, bad = _reply(), _reply(**{"num-examples": math.nan})
+    kept, rejected = gate_replies([good, bad], _limits())
+    assert kept == [good]
+    assert len(rejected) == 1 and rejected[0].startswith("node ")
+
+
+def test_local_dp_replies_must_not_carry_exact_loss(flower_task: Any) -> None:
+    limits = _limits(**{"dp-mode": "local", "dp-noise-multiplier": 1.0})
+    assert "unexpected" in str(check_train_reply(_reply(), limits))
+
+
+def test_the_largest_hetero_rank_is_the_factor_bound() -> None:
+    assert max_rank(GLOBAL) == 5  # A: (4, in=6), B: (out=5, 4) -> min(6, 5)
+
+
+# ---------------------------------------------------------------- real runs
+def _hostile(kind: str) -> Any:
+    """A client mod that rewrites partition 0's train replies."""
+
+    def mod(msg: Message, context: Context, call_next: Any) -> Message:
+        reply = call_next(msg, context)
+        if msg.metadata.message_type != "train" or reply.has_error():
+            return reply
+        if int(context.node_config.get("partition-id", -1)) != 0:
+            return reply
+        metrics = reply.content.metric_records["metrics"]
+        if kind == "nan-weight":
+            metrics["num-examples"] = math.nan
+        elif kind == "huge-weight":
+            metrics["num-examples"] = 10**12
+        elif kind == "extra-metric":
+            metrics["surprise"] = 1.0
+        elif kind == "bomb":
+            first = next(iter(reply.content.array_records["arrays"].values()))
+            first.data = _npy_with_header(
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000,), }"
+            )
+        return reply
+
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["nan-weight", "huge-weight", "extra-metric", "bomb"])
+def test_one_hostile_node_is_dropped_and_the_run_completes(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path, kind: str
+) -> None:
+    cfg = tiny_run_config(tiny_model_dir, text_csv, tmp_path, **{"num-server-rounds": 1})
+    status = simulate(cfg, 3, Resources(num_cpus=1), client_mods=[_hostile(kind)])
+    assert status["status"] == "completed", status
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    last = rounds[-1]
+    assert last["clients_ok"] == 2 and last["clients_failed"] == 1
+    assert "partition-000000" in last["failures"][0]
+    assert "reply rejected" in last["failures"][0]
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(np.all(np.isfinite(v)) for v in exported.values())
