@@ -405,6 +405,11 @@ class RunConfig:
     secagg_max_weight: float = _field(
         0.0, "SecAgg+: largest example count a node may report (0 = max-train-examples)."
     )
+    app_signature: str = _field(
+        "",
+        "Set by `fedlora run --sign-key`: a signature of the app's digest, for sites whose "
+        "trusted-apps file trusts the signer. Nodes check it; the server ignores it.",
+    )
     ensemble: str = _field(
         "none", "Also evaluate an ensemble: none, last-rounds (global adapters) or sites."
     )

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -257,6 +258,33 @@ def supernode_command(
     if max_wait_time is not None:
         command += ["--max-wait-time", str(max_wait_time)]
     return command
+
+
+def pinned_clientapp_env(
+    env: Mapping[str, str], bin_dir: Path, trusted_apps: Path | None
+) -> dict[str, str]:
+    """The SuperNode's environment with fedlora's app check in front of Flower.
+
+    Flower's SuperExec starts ``flwr-clientapp`` by name; a script of that
+    name first on PATH runs :mod:`fedlora.client.pinned` instead, which is
+    Flower's ClientApp process plus the site's app check. ``trusted_apps``
+    None means the site chose to trust any app.
+    """
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shim = bin_dir / "flwr-clientapp"
+    shim.write_text(
+        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m fedlora.client.pinned "$@"\n'
+    )
+    shim.chmod(0o755)
+    out = dict(env)
+    out["PATH"] = os.pathsep.join([str(bin_dir), out.get("PATH", "")])
+    out.pop("FEDLORA_TRUST_ANY_APP", None)
+    out.pop("FEDLORA_TRUSTED_APPS", None)
+    if trusted_apps is None:
+        out["FEDLORA_TRUST_ANY_APP"] = "1"
+    else:
+        out["FEDLORA_TRUSTED_APPS"] = str(trusted_apps)
+    return out
 
 
 def register_node_command(public_key: str | os.PathLike[str], connection: str) -> list[str]:

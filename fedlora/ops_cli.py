@@ -31,7 +31,7 @@ import typer
 
 from fedlora import certs as certs_lib
 from fedlora import deploy, preflight
-from fedlora.errors import FedloraError
+from fedlora.errors import ConfigError, FedloraError
 
 app = typer.Typer(
     add_completion=False,
@@ -250,10 +250,32 @@ def node(
     max_wait_time: Annotated[
         float | None, typer.Option(help="Give up reconnecting after this many seconds.")
     ] = None,
+    trusted_apps: Annotated[
+        Path | None,
+        typer.Option(
+            help="This site's trust file: 'sha256:<digest>' lines (fedlora app-digest) and "
+            "'ed25519:<name>:<key>' signer lines. The node runs no other app."
+        ),
+    ] = None,
+    trust_any_app: Annotated[
+        bool,
+        typer.Option(help="Run whatever app the server submits (not for real sites)."),
+    ] = False,
     print_command: PrintCommand = False,
 ) -> None:
     """Start this site's node; refuses to start while a file or setting is wrong."""
+    from fedlora.app_trust import TrustPolicy
+
     try:
+        if trusted_apps is None and not trust_any_app:
+            raise ConfigError(
+                "give --trusted-apps FILE (the apps this site's IT approved; "
+                "`fedlora app-digest` prints an app's digest) so the node runs no other "
+                "code, or --trust-any-app to run whatever the server submits"
+            )
+        if trusted_apps is not None:
+            trusted_apps = trusted_apps.expanduser().resolve()
+            TrustPolicy.load(trusted_apps)  # a bad file fails now, not at the first round
         node_config, notes = preflight.check_node_inputs(
             ca=ca,
             key=key,
@@ -288,7 +310,46 @@ def node(
             "adapter tensors and metrics leave this site",
             err=True,
         )
-    _exec(command, deploy.flower_env(state / FLWR_HOME_DIR), state, print_command)
+    env = deploy.flower_env(state / FLWR_HOME_DIR)
+    if not print_command:
+        env = deploy.pinned_clientapp_env(env, state / "bin", trusted_apps)
+    elif trust_any_app:
+        typer.echo("warning: --trust-any-app: this node runs any submitted app", err=True)
+    _exec(command, env, state, print_command)
+
+
+# ------------------------------------------------------------- app trust
+
+
+@app.command("app-digest")
+def app_digest(
+    app_dir: Annotated[
+        Path | None,
+        typer.Option("--app", help="Flower App folder (default: fedlora's repository root)."),
+    ] = None,
+) -> None:
+    """Print the digest a site pins to run this app ('sha256:...' for --trusted-apps)."""
+    from fedlora.app_trust import app_dir_digest
+
+    try:
+        typer.echo(f"sha256:{app_dir_digest((app_dir or default_app_dir()).resolve())}")
+    except (FedloraError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command("signing-key")
+def signing_key(
+    out: Annotated[Path, typer.Option(help="Folder for <name>.signing.key.")],
+    name: Annotated[str, typer.Option(help="The signer's name, e.g. consortium-release.")],
+) -> None:
+    """Create an app-signing key; prints the line sites add to their trusted-apps file."""
+    from fedlora.app_trust import generate_signing_key
+
+    try:
+        line = generate_signing_key(out, name)
+    except (FileExistsError, OSError) as exc:
+        _fail(f"signing key not written: {exc}")
+    typer.echo(line)
 
 
 # --------------------------------------------------------------------- run
@@ -324,6 +385,12 @@ def run(
             "run-dir is read from there."
         ),
     ] = None,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Sign the app with this key (fedlora signing-key) for sites that trust its signer."
+        ),
+    ] = None,
 ) -> None:
     """Submit a run to the SuperLink, follow it, and exit with how it ended."""
     from fedlora.cli import parse_overrides
@@ -334,6 +401,10 @@ def run(
         overrides = parse_overrides(config or [])
         flat = {**preflight.app_defaults(app_path), **overrides}
         cfg = RunConfig.from_flat(flat)  # a typo fails here, not on the server
+        if sign_key is not None:
+            from fedlora.app_trust import RUN_CONFIG_SIGNATURE, app_dir_digest, sign_digest
+
+            overrides[RUN_CONFIG_SIGNATURE] = sign_digest(app_dir_digest(app_path), sign_key)
         deploy.write_flwr_connection_config(flwr_home, connection, superlink, ca)
     except FedloraError as exc:
         _fail(str(exc))

@@ -35,6 +35,7 @@ from conftest import make_text_csv
 from typer.testing import CliRunner
 
 from fedlora import deploy
+from fedlora.app_trust import app_dir_digest, generate_signing_key
 from fedlora.ops_cli import app as ops_app
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
@@ -61,6 +62,8 @@ class Federation:
     certs: Path
     cli_home: Path
     superlink: deploy.LocalProcess
+    digest: str = ""
+    signer: str = ""
     nodes: dict[str, deploy.LocalProcess] = field(default_factory=dict)
 
     def logs(self) -> str:
@@ -68,8 +71,13 @@ class Federation:
         return "\n".join(f"--- {n} ---\n{p.log_tail(3000)}" for n, p in procs.items())
 
     def node(self, name: str, data: Path, *extra: str) -> deploy.LocalProcess:
-        """``fedlora node`` for site ``name`` (not started)."""
+        """``fedlora node`` for site ``name`` (not started), behind its app pin:
+        alpha and bravo pin the app's digest, charlie trusts only its signer."""
         port = deploy.free_port()
+        if "--trust-any-app" not in extra:
+            trust = self.root / f"{name}.trusted-apps"
+            trust.write_text(self.signer + "\n" if name == "charlie" else f"sha256:{self.digest}\n")
+            extra = (*extra, "--trusted-apps", str(trust))
         command = _ops(
             "node",
             "--superlink",
@@ -115,6 +123,8 @@ class Federation:
                 str(REPO),
                 "--timeout",
                 str(RUN_TIMEOUT),
+                "--sign-key",
+                str(self.root / "release.signing.key"),
                 *args,
             ),
             capture_output=True,
@@ -187,6 +197,8 @@ def federation(
     fed = Federation(
         root, address, certs_dir / "ca.crt", certs_dir, root / "home" / "cli", superlink
     )
+    fed.digest = app_dir_digest(REPO)
+    fed.signer = generate_signing_key(root, "release")
     with ExitStack() as stack:
         stack.enter_context(superlink)
         # mallory's key is never registered.

@@ -93,6 +93,7 @@ def _node(creds: Path, data: Path, *extra: str, key: str = "site-a.key") -> list
         "--data-path",
         str(data),
         "--print-command",
+        "--trust-any-app",
         *extra,
     ]
 
