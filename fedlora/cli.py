@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedlora.errors import FedloraError
+from fedlora.errors import ConfigError, FedloraError
 
 app = typer.Typer(
     add_completion=False,
@@ -42,7 +42,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item and path.suffix == ".toml":
             if not path.is_file():
                 raise FedloraError(f"config file {item!r} does not exist")
-            data = tomllib.loads(path.read_text())
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(f"config file {item} is not valid TOML: {err}") from None
             out.update(data.get("config", data))
             continue
         if "=" not in item:

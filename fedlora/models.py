@@ -495,7 +495,12 @@ def export_adapter(
     ``PeftModel.from_pretrained(base, out_dir)`` reloads it; the label list is
     written beside it (and into the base config's id2label) because logits
     without their label names are not usable by a hospital.
+
+    Raises ``ValueError`` on a non-finite tensor: a NaN adapter is never exported.
     """
+    bad = [k for k, v in state.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise ValueError(f"refusing to export {out_dir}: tensor {bad[0]!r} is not finite")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     load_adapter_state(model, state)

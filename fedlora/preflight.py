@@ -110,10 +110,18 @@ def check_node_inputs(
     fedlora.errors.FedloraError
         Naming the file or option and the fix.
     """
+    from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     notes: list[str] = []
-    deploy.require_file(ca, "CA certificate")
+    ca_file = deploy.require_file(ca, "CA certificate")
+    try:
+        x509.load_pem_x509_certificate(ca_file.read_bytes())
+    except ValueError as err:
+        raise ConfigError(
+            f"{ca_file} is not a PEM certificate ({err}); pass the ca.crt from "
+            f"`{certs_lib.CERTS_COMMAND}`"
+        ) from None
     key_file = deploy.require_file(key, "SuperNode authentication private key")
     try:
         load_ssh_private_key(key_file.read_bytes(), password=None)
@@ -124,7 +132,10 @@ def check_node_inputs(
             f"not the {certs_lib.NODE_PUBLIC_SUFFIX} file"
         ) from None
     if stat.S_IMODE(key_file.stat().st_mode) & 0o077:
-        notes.append(f"warning: {key_file} is readable by other users; run `chmod 600 {key_file}`")
+        raise ConfigError(
+            f"{key_file} is readable by other users of this machine: anyone who reads it "
+            f"can join the federation as this site. Run `chmod 600 {key_file}`"
+        )
     data = _check_data(data_path, text_column, label_column, labels, notes)
     if not site_name or any(c.isspace() for c in site_name):
         raise ConfigError(f"--site-name {site_name!r}: give a name without spaces")

@@ -136,6 +136,12 @@ def _partition_indices(
             "group": list(pool.groups) if pool.groups else [""] * len(pool),
         }
     )
+    if num_partitions > len(pool):
+        raise DataError(
+            f"{num_partitions} clients but only {len(pool)} training examples in "
+            f"{pool.source} (after the {data.test_fraction:g} test split); every client "
+            f"needs at least one. Use at most {len(pool)} clients (-n) or more data"
+        )
     partitioner = PARTITIONERS[data.partitioner](data, num_partitions, seed, len(pool))
     partitioner.dataset = table  # type: ignore[attr-defined]
     out = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +77,24 @@ def load_table(
     import datasets
 
     datasets.disable_progress_bars()
+    # The builder writes an Arrow copy of the file into its cache even with
+    # keep_in_memory; a site's texts must not be left behind in ~/.cache, so
+    # the cache is a temporary folder, removed once the table is in memory.
+    scratch = tempfile.TemporaryDirectory(prefix="fedlora-read-")
     try:
         table = datasets.load_dataset(
-            reader, data_files=str(file), split="train", keep_in_memory=True
+            reader,
+            data_files=str(file),
+            split="train",
+            keep_in_memory=True,
+            cache_dir=scratch.name,
         )
     except Exception as exc:  # datasets raises many types for malformed files
         if "corresponds to no data" in str(exc):
             raise DataError(f"data file {file} has a header but no rows") from exc
         raise DataError(f"data file {file} cannot be read as {reader}: {exc}") from exc
+    finally:
+        scratch.cleanup()
     columns = list(table.column_names)
     for role, column in (("text-column", text_column), ("label-column", label_column)):
         if column not in columns:

@@ -247,6 +247,10 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
         export_adapter(model, arrays_to_state(final), run_dir / ADAPTER_DIR, labels, metadata)
         write_status(run_dir, status, reason, rounds_completed=metadata["rounds_completed"])
         return status
+    except KeyboardInterrupt:
+        # Ctrl-C: the run dir says so, and the last checkpoint stays resumable.
+        write_status(run_dir, "stopped", "interrupted (Ctrl-C); resume with resume=true")
+        raise
     except Exception as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise

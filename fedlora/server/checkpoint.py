@@ -99,11 +99,25 @@ def save_checkpoint(
     folder = root / f"round-{server_round:06d}"
     buffer = io.BytesIO()
     np.savez(buffer, **state)  # type: ignore[arg-type]
-    atomic_write_bytes(folder / "adapter.npz", buffer.getvalue())
-    atomic_write_bytes(folder / "strategy.pkl", dump_strategy(strategy))
+    bad = [k for k, v in state.items() if not np.all(np.isfinite(v))]
+    if bad:
+        # A NaN must never become the state a run resumes from.
+        raise ValueError(f"refusing to checkpoint round {server_round}: {bad[0]!r} is not finite")
+    adapter, pickled = buffer.getvalue(), dump_strategy(strategy)
+    atomic_write_bytes(folder / "adapter.npz", adapter)
+    atomic_write_bytes(folder / "strategy.pkl", pickled)
     atomic_write_json(
         root / STATE_FILE,
-        {"round": server_round, "folder": folder.name, "config_hash": config_hash(cfg)},
+        {
+            "round": server_round,
+            "folder": folder.name,
+            "config_hash": config_hash(cfg),
+            # Checked before the pickle is loaded: a changed file is not unpickled.
+            "sha256": {
+                "adapter.npz": hashlib.sha256(adapter).hexdigest(),
+                "strategy.pkl": hashlib.sha256(pickled).hexdigest(),
+            },
+        },
     )
     # Also keep the latest adapter at a fixed path for tools and tests.
     atomic_write_bytes(root / "adapter.npz", buffer.getvalue())
@@ -119,15 +133,45 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint | None:
     marker = root / STATE_FILE
     if not marker.is_file():
         return None
-    meta = json.loads(marker.read_text())
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"cannot resume {run_dir}: checkpoint marker {marker} is unreadable ({err}); "
+            "remove the checkpoint folder to start afresh"
+        ) from None
     if meta.get("config_hash") != config_hash(cfg):
         raise ConfigError(
             f"cannot resume {run_dir}: its checkpoint was written with a different run "
             "config (only resume, run-dir and round-timeout may change). Use the same "
             "config, or a new run-dir to start afresh"
         )
-    folder = root / str(meta["folder"])
-    with np.load(folder / "adapter.npz") as data:
-        state = {k: np.asarray(data[k]) for k in data.files}
-    strategy = pickle.loads((folder / "strategy.pkl").read_bytes())
+    folder = root / str(meta.get("folder", ""))
+    blobs: dict[str, bytes] = {}
+    for name, digest in dict(meta.get("sha256", {})).items():
+        path = folder / name
+        try:
+            blobs[name] = path.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"cannot resume {run_dir}: checkpoint file {path}: {err}") from None
+        if hashlib.sha256(blobs[name]).hexdigest() != digest:
+            raise ConfigError(
+                f"cannot resume {run_dir}: checkpoint file {path} does not match the hash "
+                f"recorded in {marker} (corrupt or changed); it is not loaded. Remove "
+                f"{root} to start afresh"
+            )
+    if set(blobs) != {"adapter.npz", "strategy.pkl"}:
+        raise ConfigError(
+            f"cannot resume {run_dir}: checkpoint marker {marker} lists no file hashes "
+            "(written by an older fedlora, or edited); remove the checkpoint to start afresh"
+        )
+    try:
+        with np.load(io.BytesIO(blobs["adapter.npz"])) as data:
+            state = {k: np.asarray(data[k]) for k in data.files}
+        strategy = pickle.loads(blobs["strategy.pkl"])
+    except Exception as err:  # a hash-checked file that still fails: name it
+        raise ConfigError(
+            f"cannot resume {run_dir}: checkpoint in {folder} cannot be loaded "
+            f"({type(err).__name__}: {err})"
+        ) from None
     return Checkpoint(int(meta["round"]), state, strategy)
