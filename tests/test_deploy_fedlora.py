@@ -182,7 +182,7 @@ def federation(
     made = runner.invoke(
         ops_app,
         ["certs", "--out", str(certs_dir), "--host", "localhost", "--host", "127.0.0.1"]
-        + [a for n in [*SITES, "broken", "mallory"] for a in ("--node", n)],
+        + [a for n in [*SITES, "broken", "mallory", "stranger"] for a in ("--node", n)],
     )
     assert made.exit_code == 0, made.output
     port = deploy.free_port()
@@ -202,13 +202,13 @@ def federation(
     with ExitStack() as stack:
         stack.enter_context(superlink)
         # mallory's key is never registered.
-        keys = [str(certs_dir / "nodes" / f"{n}.pub") for n in [*SITES, "broken"]]
+        keys = [str(certs_dir / "nodes" / f"{n}.pub") for n in [*SITES, "broken", "stranger"]]
         common = ["--superlink", address, "--ca", str(fed.ca), "--flwr-home", str(fed.cli_home)]
         registered = runner.invoke(
             ops_app, ["register", *keys, *common, "--connection", CONNECTION]
         )
         assert registered.exit_code == 0, registered.output + fed.logs()
-        assert registered.output.count("registered as node") == 4, registered.output
+        assert registered.output.count("registered as node") == 5, registered.output
         for site in SITES:
             fed.nodes[site] = fed.node(site, data / f"{site}.csv", "--labels", LABELS)
         # Runs first on exit: stop everything concurrently.
@@ -263,7 +263,9 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
     )
     run_dir = federation.root / "runs" / "faults"
     victim = federation.nodes["charlie"]
-    with broken:
+    # A site whose IT pinned another app: it must refuse this one, and say why.
+    stranger = federation.node("stranger", federation.root / "data" / "alpha.csv")
+    with broken, stranger:
         _wait_for_log(broken, "SuperNode ID:")  # activated: the run will see it
         killer = _kill_when_training(victim)
         done, run_id = federation.run(run_dir)
@@ -276,6 +278,9 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
     failures = [f for r in rounds for f in r["failures"]]
     assert any(f.startswith("broken") and "has no column 'text'" in f for f in failures), failures
     assert any(f.startswith("charlie") for f in failures), failures
+    refused = [f for f in failures if "not pinned in this site's trusted-apps" in f]
+    assert refused and all(f"sha256:{federation.digest}" in f for f in refused), failures
+    assert "AppNotTrusted" in stranger.log_tail(100_000)
     assert all(r["clients_ok"] >= 2 for r in rounds), rounds
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
 

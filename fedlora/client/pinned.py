@@ -4,9 +4,9 @@
 that runs this module; Flower's SuperExec starts it by that name for every
 task. It is Flower's own ``flwr-clientapp`` with one step added: the task's
 FAB is checked against the site's trust file (:mod:`fedlora.app_trust`)
-right after it is pulled from the SuperNode and before Flower installs or
-imports any of it. A refusal raises inside Flower's task handling, so the
-server receives an error reply whose reason names the app's digest.
+when Flower is about to install it, before any of it is installed or
+imported. A refusal raises inside Flower's task handling, so the server
+receives an error reply whose reason names the app's digest.
 
 The trust file comes from the environment the site's own launcher set
 (``FEDLORA_TRUSTED_APPS``), never from the run. Without it the process
@@ -50,17 +50,30 @@ def main() -> None:
     from flwr.supernode.cli import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    pull = runtime.pull_task_input
+    pull, install = runtime.pull_task_input, runtime.install_from_fab
+    pulled: dict[str, Any] = {}
 
-    def checked_pull(client: Any) -> Any:
+    def remembering_pull(client: Any) -> Any:
         message, context, run, fab = pull(client)
-        verify_task(fab, context.run_config)
+        pulled["run_config"] = context.run_config
         return message, context, run, fab
 
-    # The one point where the FAB is in hand and none of it has run yet.
-    runtime.pull_task_input = checked_pull
+    def checked_install(content: bytes, *args: Any, **kwargs: Any) -> Any:
+        # The one point where the FAB is in hand and none of it has run; the
+        # task's message and context are already known, so a refusal here
+        # becomes Flower's error reply to the server, with this reason.
+        verify_task(_Fab(content), pulled.get("run_config"))
+        return install(content, *args, **kwargs)
+
+    runtime.pull_task_input = remembering_pull
+    runtime.install_from_fab = checked_install  # type: ignore[assignment]
     sys.argv[0] = "flwr-clientapp"
     flwr_clientapp()
+
+
+class _Fab:
+    def __init__(self, content: bytes) -> None:
+        self.content = content
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     Strategy,
 )
@@ -81,13 +81,12 @@ def wrap_central(
                 sampling_method=SamplingMethod.NO_AMPLIFICATION,
             )
         )
-        fixed = (
-            DifferentialPrivacyServerSideFixedClipping
-            if mode == "central-server-fixed"
-            else DifferentialPrivacyClientSideFixedClipping
-        )
+        # Server-side clipping is done by FixedDenominator (flwr 1.42's clip
+        # divides by the update's norm: a zero update, which a node can send
+        # at will, raised ZeroDivisionError inside the server). The noise and
+        # the accountant are the same in both wrappers (their common base).
         return FixedDenominator(
-            fixed(
+            DifferentialPrivacyClientSideFixedClipping(
                 strategy,
                 noise_multiplier=noise_multiplier,
                 clipping_norm=clipping_norm,
@@ -95,6 +94,7 @@ def wrap_central(
                 accountant=accountant,
             ),
             num_sampled_clients,
+            server_clip=clipping_norm if mode == "central-server-fixed" else None,
         )
     adaptive = (
         DifferentialPrivacyServerSideAdaptiveClipping
@@ -124,9 +124,12 @@ class FixedDenominator(Strategy):
     prices. Train metrics are aggregated over the real replies only.
     """
 
-    def __init__(self, dp: Strategy, num_sampled_clients: int) -> None:
+    def __init__(
+        self, dp: Strategy, num_sampled_clients: int, server_clip: float | None = None
+    ) -> None:
         self.dp = dp
         self.num_sampled_clients = num_sampled_clients
+        self.server_clip = server_clip
         self._arrays: ArrayRecord | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -160,6 +163,8 @@ class FixedDenominator(Strategy):
             )
         inner = getattr(self.dp, "strategy", None)
         weight_key = getattr(inner, "weighted_by_key", "num-examples")
+        if self.server_clip is not None:
+            real = [_clipped(r, self._arrays, self.server_clip) for r in real]
         equal = [_with_weight(r, weight_key, self._arrays, keep_arrays=True) for r in real]
         while len(equal) < self.num_sampled_clients:
             equal.append(_with_weight(real[0], weight_key, self._arrays, keep_arrays=False))
@@ -180,6 +185,25 @@ class FixedDenominator(Strategy):
     ) -> MetricRecord | None:
         """The wrapper's."""
         return self.dp.aggregate_evaluate(server_round, replies)
+
+
+def _clipped(reply: Message, arrays: ArrayRecord, clip: float) -> Message:
+    """A copy of ``reply`` whose update (reply - global) has L2 norm <= ``clip``
+    (FlatClip of DP-FedAvg; a zero update stays zero)."""
+    content = RecordDict(dict(reply.content.items()))
+    for name, record in reply.content.array_records.items():
+        deltas = {k: a.numpy().astype(np.float64) - arrays[k].numpy() for k, a in record.items()}
+        norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in deltas.values())))
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        content[name] = ArrayRecord(
+            {
+                k: Array((arrays[k].numpy() + scale * d).astype(arrays[k].numpy().dtype))
+                for k, d in deltas.items()
+            }
+        )
+    out = copy.copy(reply)
+    out.content = content
+    return out
 
 
 def _with_weight(reply: Message, key: str, arrays: ArrayRecord, keep_arrays: bool) -> Message:
