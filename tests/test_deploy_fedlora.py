@@ -76,7 +76,9 @@ class Federation:
         port = deploy.free_port()
         if "--trust-any-app" not in extra:
             trust = self.root / f"{name}.trusted-apps"
-            trust.write_text(self.signer + "\n" if name == "charlie" else f"sha256:{self.digest}\n")
+            # stranger's IT pinned some other app: it must refuse this one.
+            pins = {"charlie": self.signer, "stranger": "sha256:" + "0" * 64}
+            trust.write_text(pins.get(name, f"sha256:{self.digest}") + "\n")
             extra = (*extra, "--trusted-apps", str(trust))
         command = _ops(
             "node",
@@ -278,9 +280,12 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
     failures = [f for r in rounds for f in r["failures"]]
     assert any(f.startswith("broken") and "has no column 'text'" in f for f in failures), failures
     assert any(f.startswith("charlie") for f in failures), failures
-    refused = [f for f in failures if "not pinned in this site's trusted-apps" in f]
-    assert refused and all(f"sha256:{federation.digest}" in f for f in refused), failures
-    assert "AppNotTrusted" in stranger.log_tail(100_000)
+    # The run is signed by 'release', whom stranger does not trust, and its
+    # digest is not pinned there: refused at the node, with the reason sent.
+    why = f"sha256:{federation.digest} is signed by 'release', whom this site does not trust"
+    stranger_log = stranger.log_tail(100_000)
+    assert why in stranger_log, stranger_log
+    assert any(why in f for f in failures), "\n".join(failures)
     assert all(r["clients_ok"] >= 2 for r in rounds), rounds
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
 

@@ -66,9 +66,9 @@ ROUND_KEY = "server-round"  # equals fedlora.config.KEY_SERVER_ROUND
 METRIC_CLIPPED = "secagg-clipped-fraction"
 REQUIRE_KEY = "require-secagg"  # node config: refuse plain training requests
 # node config: the fewest other nodes whose shares the server must collect
-# to unmask anything (default 3: no pair, and no server alone, can unmask)
+# to unmask anything (default 2, with the rule "above half the shares")
 MIN_THRESHOLD_KEY = "secagg-min-threshold"
-DEFAULT_MIN_THRESHOLD = 3
+DEFAULT_MIN_THRESHOLD = 2
 # Error codes, mirroring fedlora.client.app (importing it would pull in torch).
 ERROR_CODE_USER = 4001
 ERROR_CODE_SECAGG_REQUIRED = 4002  # = ERROR_CODE_PRIVACY: the node refuses (fails closed)
