@@ -189,3 +189,31 @@ def test_one_hostile_node_is_dropped_and_the_run_completes(
 
     exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert all(np.all(np.isfinite(v)) for v in exported.values())
+
+
+def _stats(total: Any, count: Any) -> Message:
+    from fedlora.client.centering import KEY_FEATURE_COUNT, KEY_FEATURE_SUM, STATS_RECORD
+
+    record = ArrayRecord({KEY_FEATURE_SUM: Array(total), KEY_FEATURE_COUNT: Array(count)})
+    return Message(content=RecordDict({STATS_RECORD: record}), dst_node_id=3, message_type="query")
+
+
+@pytest.mark.parametrize(
+    ("total", "count", "needle"),
+    [
+        (np.zeros(8), np.ones(1), None),
+        (np.full(8, np.nan), np.ones(1), "not finite"),
+        (np.zeros((2, 4)), np.ones(1), "1-D float"),
+        (np.zeros(8, np.int64), np.ones(1), "1-D float"),
+        (np.zeros(8), np.array([np.inf]), "not finite"),
+    ],
+)
+def test_feature_statistics_replies_are_checked(
+    flower_task: Any, total: Any, count: Any, needle: str | None
+) -> None:
+    from fedlora.client.centering import KEY_FEATURE_COUNT, KEY_FEATURE_SUM, STATS_RECORD
+    from fedlora.server.gate import check_statistics_reply
+
+    keys = frozenset({KEY_FEATURE_SUM, KEY_FEATURE_COUNT})
+    reason = check_statistics_reply(_stats(total, count), STATS_RECORD, keys)
+    assert (reason is None) if needle is None else (needle in str(reason))

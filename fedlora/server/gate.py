@@ -221,3 +221,27 @@ def _few(names: Iterable[str]) -> list[str]:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_statistics_reply(msg: Message, stats_key: str, keys: frozenset[str]) -> str | None:
+    """Why a feature-statistics reply must be dropped, or None: exactly the
+    ``keys`` arrays in record ``stats_key``, sound headers, a finite 1-D
+    float sum of at most 2^20 entries and one finite count."""
+    records = msg.content.array_records
+    if set(records) != {stats_key} or msg.content.metric_records:
+        return f"statistics reply must hold only array record {stats_key!r}"
+    record = records[stats_key]
+    if set(record) != keys:
+        return f"statistics record has arrays {sorted(record)[:5]}, expected {sorted(keys)}"
+    for name, array in record.items():
+        _size, reason = check_array(name, array)
+        if reason is not None:
+            return reason
+        values = array.numpy()
+        if values.ndim != 1 or values.size > 1 << 20 or values.dtype.kind != "f":
+            return (
+                f"statistic {name!r} must be a 1-D float vector (got {values.dtype}{values.shape})"
+            )
+        if not np.all(np.isfinite(values)):
+            return f"statistic {name!r} is not finite"
+    return None

@@ -49,7 +49,7 @@ from fedlora.config import (
     METRIC_LOSS,
     RunConfig,
 )
-from fedlora.server.gate import ReplyLimits, gate_replies
+from fedlora.server.gate import ReplyLimits, check_statistics_reply, gate_replies
 
 log = logging.getLogger("fedlora.server")
 
@@ -449,7 +449,43 @@ def measure_feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig) -> n
     ]
     replies = grid.send_and_receive(messages, timeout=max(cfg.round_timeout, 60.0))
     ok, failures = split_replies(replies, nodes, sites, sent=messages)
-    ok = [m for m in ok if STATS_RECORD in m.content.array_records]
+    keys = frozenset({KEY_FEATURE_SUM, KEY_FEATURE_COUNT})
+    checked = []
+    for m in ok:
+        try:
+            reason = check_statistics_reply(m, STATS_RECORD, keys)
+        except Exception as exc:  # a reply no check foresaw: drop it, say why
+            reason = f"reply could not be checked ({type(exc).__name__})"
+        if reason is None and m.content.array_records[STATS_RECORD][KEY_FEATURE_COUNT].shape != (
+            1,
+        ):
+            reason = "feature-count must hold one number"
+        if reason is None:
+            checked.append(m)
+        else:
+            failures.append(f"{sites.key(m.metadata.src_node_id)}: statistics rejected: {reason}")
+    sizes = {m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape for m in checked}
+    if len(sizes) > 1:
+        # Sums of different lengths cannot be combined: keep the most common.
+        common = max(
+            sizes,
+            key=lambda s: sum(
+                m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape == s for m in checked
+            ),
+        )
+        for m in checked:
+            if m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape != common:
+                failures.append(
+                    f"{sites.key(m.metadata.src_node_id)}: statistics rejected: sum of shape "
+                    f"{m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape}, "
+                    f"others {common}"
+                )
+        checked = [
+            m
+            for m in checked
+            if m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape == common
+        ]
+    ok = checked
     for line in failures:
         log.warning("feature statistics: %s", line)
     if len(ok) < cfg.min_train_nodes:
