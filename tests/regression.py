@@ -1,0 +1,93 @@
+"""Seeded reduced simulations whose results must not change when code only moves.
+
+``python tests/regression.py record`` writes ``tests/fixtures/regression/expected.json``
+(the runs' ``metrics.json`` without wall-clock fields, and the sha256 of every
+file of the exported adapter); ``tests/test_regression.py`` reruns the same
+simulations and compares. Re-record only when a change is *meant* to alter
+results, and say so in the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FIXTURE = Path(__file__).parent / "fixtures" / "regression" / "expected.json"
+
+#: name -> run-config overrides on top of the tiny run (3 clients, 2 rounds).
+CASES: dict[str, dict[str, Any]] = {
+    "fedavg": {},
+    "fedavg-local-dp": {"dp-mode": "local", "dp-noise-multiplier": 0.5},
+    "fedavg-int8": {"compression": "int8"},
+    "feature-centering": {"feature-centering": True, "pooling": "mean"},
+    "ffa-lora": {"strategy": "ffa-lora"},
+    "hetero-rank": {"strategy": "hetero-rank", "sim-client-ranks": "2,4,8"},
+}
+#: Cases whose noise is OS-seeded (a site's DP noise is never reproducible, see
+#: fedlora.privacy.dpsgd): only what does not depend on the noise is compared
+#: (ε, δ, bytes, counts), not losses, accuracies or the adapter's tensors.
+NOISY = {"fedavg-local-dp"}
+NOISY_FIELDS = ("global_accuracy", "global_loss", "adapter_model.safetensors")
+#: Fields of metrics.json that measure time or machine, not results.
+VOLATILE = ("seconds", "time", "duration", "wall")
+
+
+def _stable(obj: Any, drop: tuple[str, ...] = ()) -> Any:
+    if isinstance(obj, dict):
+        return {
+            k: _stable(v, drop)
+            for k, v in obj.items()
+            if not any(t in k.lower() for t in VOLATILE) and not any(d in k for d in drop)
+        }
+    if isinstance(obj, list):
+        return [_stable(v, drop) for v in obj]
+    return obj
+
+
+def run_case(name: str, workdir: Path) -> dict[str, Any]:
+    """Run one case; its stable metrics and its exported adapter's file hashes."""
+    from fedlora.simulations.engine import Resources, simulate
+    from fedlora.simulations.tiny import make_text_csv, make_tiny_model, tiny_run_config
+
+    model = workdir / "tiny-bert"
+    if not model.exists():
+        make_tiny_model(model)
+    data = workdir / "texts.csv"
+    if not data.exists():
+        make_text_csv(data, n=90)
+    run_dir = workdir / name
+    cfg = tiny_run_config(
+        model, data, run_dir, **{"learning-rate": 0.05, "local-epochs": 2, **CASES[name]}
+    )
+    status = simulate(cfg, 3, Resources(num_cpus=1))
+    if status.get("status") != "completed":
+        raise RuntimeError(f"regression case {name} did not complete: {status}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # Files that name the model folder hash with the (temporary) folder as <work>.
+    adapter = {
+        str(p.relative_to(run_dir)): hashlib.sha256(
+            p.read_bytes().replace(str(workdir).encode(), b"<work>")
+        ).hexdigest()
+        for p in sorted((run_dir / "adapter").rglob("*"))
+        if p.is_file()
+    }
+    drop = NOISY_FIELDS if name in NOISY else ()
+    return {"metrics": _stable(metrics, drop), "adapter": _stable(adapter, drop)}
+
+
+def run_all() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return {name: run_case(name, Path(tmp)) for name in CASES}
+
+
+if __name__ == "__main__":
+    results = run_all()
+    if sys.argv[1:] == ["record"]:
+        FIXTURE.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        print(f"recorded {FIXTURE}")
+    else:
+        print(json.dumps(results, indent=2, sort_keys=True))

@@ -1,0 +1,28 @@
+"""Moving code must not change results: seeded reduced runs equal the recorded fixture.
+
+The fixture (``tests/fixtures/regression/expected.json``) was recorded with
+``python tests/regression.py record`` before issue 18's restructuring; see
+``tests/regression.py`` for the cases and what is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from regression import CASES, FIXTURE, run_case  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_seeded_runs_equal_the_recorded_fixture(tmp_path: Path) -> None:
+    expected = json.loads(FIXTURE.read_text())
+    assert sorted(expected) == sorted(CASES)
+    for name in CASES:
+        got = json.loads(json.dumps(run_case(name, tmp_path)))
+        assert got["adapter"] == expected[name]["adapter"], name
+        assert got["metrics"] == expected[name]["metrics"], name
