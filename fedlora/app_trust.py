@@ -43,7 +43,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedlora.errors import ConfigError, FedloraError
 
 MANIFEST = ".info/CONTENT"
-RUN_CONFIG_SIGNATURE = "app-signature"  # the run-config key carrying a signature
 _MAX_FAB = 200 * 1024 * 1024
 
 

@@ -24,20 +24,9 @@ from typing import Any
 from fedlora.errors import ConfigError
 
 # Names of the keys that cross the wire in Flower ConfigRecords (server -> client).
-KEY_SERVER_ROUND = "server-round"
-KEY_LOCAL_EPOCHS = "local-epochs"
-KEY_LEARNING_RATE = "learning-rate"
-KEY_BATCH_SIZE = "batch-size"
 # Reply metric names (client -> server).
-METRIC_NUM_EXAMPLES = "num-examples"
-METRIC_LOSS = "loss"
-METRIC_ACCURACY = "accuracy"
-METRIC_BYTES_SENT = "bytes-sent"
-METRIC_TRAIN_TIME = "train-time-s"
 MAX_ROUNDS = 100_000
 # Name of the ArrayRecord holding the adapter tensors in messages.
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
 
 
 def _field(default: Any, help: str) -> Any:
@@ -598,8 +587,7 @@ class RunConfig:
         Read from the strategy's ``client_mode`` in the registry, so a
         strategy registered later with a partial mode is treated the same.
         """
-        from fedlora.strategies.protocol import MODE_STANDARD
-        from fedlora.strategies.registry import client_mode
+        from fedlora.protocol import MODE_STANDARD, client_mode
 
         return self.train.compression != "none" or client_mode(self.strategy) != MODE_STANDARD
 

@@ -402,9 +402,10 @@ def run(
         flat = {**preflight.app_defaults(app_path), **overrides}
         cfg = RunConfig.from_flat(flat)  # a typo fails here, not on the server
         if sign_key is not None:
-            from fedlora.app_trust import RUN_CONFIG_SIGNATURE, app_dir_digest, sign_digest
+            from fedlora.app_trust import app_dir_digest, sign_digest
+            from fedlora.protocol import RUN_APP_SIGNATURE
 
-            overrides[RUN_CONFIG_SIGNATURE] = sign_digest(app_dir_digest(app_path), sign_key)
+            overrides[RUN_APP_SIGNATURE] = sign_digest(app_dir_digest(app_path), sign_key)
         deploy.write_flwr_connection_config(flwr_home, connection, superlink, ca)
     except FedloraError as exc:
         _fail(str(exc))

@@ -26,16 +26,18 @@ from typing import Any, Literal
 from fedlora import certs as certs_lib
 from fedlora import deploy
 from fedlora.errors import ConfigError, DataError
+from fedlora.protocol import (
+    NODE_DATA_PATH,
+    NODE_DELTA,
+    NODE_EPSILON_CAP,
+    NODE_LABEL_COLUMN,
+    NODE_SITE_NAME,
+    NODE_TEXT_COLUMN,
+)
 
 Outcome = Literal["completed", "stopped", "failed"]
 
 # Node-config keys read by fedlora.client.app and fedlora.client.private.
-NODE_DATA_PATH = "data-path"
-NODE_TEXT_COLUMN = "text-column"
-NODE_LABEL_COLUMN = "label-column"
-NODE_SITE_NAME = "site-name"
-NODE_EPSILON_CAP = "privacy-epsilon-cap"
-NODE_DELTA = "privacy-delta"
 NODE_LEDGER_DIR = "privacy-ledger-dir"
 
 _PLAN_TITLES = {

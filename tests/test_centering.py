@@ -310,8 +310,8 @@ def test_statistics_query_refuses_before_reading_data(
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from fedlora.client import app as client_app
-    from fedlora.client.centering import QUERY_FEATURE_STATS
     from fedlora.client.private import dataset_identity
+    from fedlora.protocol import QUERY_FEATURE_STATS
 
     flat = tiny_run_config(
         tiny_model_dir,

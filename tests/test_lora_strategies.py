@@ -20,12 +20,18 @@ from flwr.app import (
 )
 
 from fedlora.client.app import query_handler
-from fedlora.config import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
 from fedlora.errors import ConfigError
+from fedlora.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRIC_NUM_EXAMPLES,
+    METRIC_REJECTED,
+    METRIC_TRUNCATION,
+    client_mode,
+)
 from fedlora.server.checkpoint import dump_strategy
 from fedlora.server.validation import make_decoded_filter
-from fedlora.strategies.protocol import METRIC_REJECTED, METRIC_TRUNCATION
-from fedlora.strategies.registry import build_strategy, client_mode
+from fedlora.strategies.registry import build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -326,3 +332,12 @@ def test_hetero_rank_asks_again_a_node_that_did_not_reply() -> None:
     again = configure(strategy, arrays, grid, rnd=2)
     assert grid.queries == 3  # node 1 is known; node 2 was asked again
     assert {m.metadata.dst_node_id: sent_state(m)[A].shape[0] for m in again} == {1: 1, 2: 1}
+
+
+def test_the_protocol_mode_table_equals_what_each_strategy_declares() -> None:
+    # Nodes read the mode from fedlora.protocol (they never import the
+    # strategies); the table must say what each registered class declares.
+    from fedlora.strategies.registry import STRATEGIES
+
+    for name, factory in STRATEGIES.items():
+        assert client_mode(name) == getattr(factory, "client_mode", "standard"), name

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regression import CASES, FIXTURE, run_case  # noqa: E402
+from regression import CASES, FIXTURE, run_case
 
 
 @pytest.mark.slow

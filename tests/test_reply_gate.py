@@ -192,7 +192,7 @@ def test_one_hostile_node_is_dropped_and_the_run_completes(
 
 
 def _stats(total: Any, count: Any) -> Message:
-    from fedlora.client.centering import KEY_FEATURE_COUNT, KEY_FEATURE_SUM, STATS_RECORD
+    from fedlora.protocol import KEY_FEATURE_COUNT, KEY_FEATURE_SUM, STATS_RECORD
 
     record = ArrayRecord({KEY_FEATURE_SUM: Array(total), KEY_FEATURE_COUNT: Array(count)})
     return Message(content=RecordDict({STATS_RECORD: record}), dst_node_id=3, message_type="query")
@@ -211,7 +211,7 @@ def _stats(total: Any, count: Any) -> Message:
 def test_feature_statistics_replies_are_checked(
     flower_task: Any, total: Any, count: Any, needle: str | None
 ) -> None:
-    from fedlora.client.centering import KEY_FEATURE_COUNT, KEY_FEATURE_SUM, STATS_RECORD
+    from fedlora.protocol import KEY_FEATURE_COUNT, KEY_FEATURE_SUM, STATS_RECORD
     from fedlora.server.gate import check_statistics_reply
 
     keys = frozenset({KEY_FEATURE_SUM, KEY_FEATURE_COUNT})

@@ -114,7 +114,7 @@ def test_secagg_mean_equals_fedavg_within_quantization_bound(tmp_path: Path) -> 
     for outcome in rounds:
         partitions = sorted(int(m["loss"]) for m in outcome.metrics.values())
         assert sorted(outcome.num_examples.values()) == [_weight(p) for p in partitions]
-        assert all(m[client_secagg.METRIC_CLIPPED] == 0.0 for m in outcome.metrics.values())
+        assert all(m[client_secagg.METRIC_SECAGG_CLIPPED] == 0.0 for m in outcome.metrics.values())
         exact = _exact_fedavg(previous, outcome.server_round, partitions)
         max_update = max(
             float(np.max(np.abs(_local_update(p, outcome.server_round, previous)[k] - v)))
@@ -209,14 +209,14 @@ def _context(partition: int = 0) -> Context:
 def test_fit_handler_sends_the_named_update_and_reports_clipping() -> None:
     state = {"a": np.zeros(4, np.float32), "b": np.ones((2, 2), np.float32)}
     config = {
-        client_secagg.NAMES_KEY: json.dumps(list(state)),
-        client_secagg.CLIPPING_KEY: 0.1,
-        client_secagg.MAX_WEIGHT_KEY: 10.0,
+        client_secagg.SECAGG_NAMES_KEY: json.dumps(list(state)),
+        client_secagg.SECAGG_CLIPPING_KEY: 0.1,
+        client_secagg.SECAGG_MAX_WEIGHT_KEY: 10.0,
         "server-round": 1,
     }
 
     def train(s: dict[str, np.ndarray], cfg: dict[str, Any], ctx: Context):
-        assert cfg["server-round"] == 1 and client_secagg.NAMES_KEY not in cfg
+        assert cfg["server-round"] == 1 and client_secagg.SECAGG_NAMES_KEY not in cfg
         return {"a": s["a"] + np.array([0.05, 0.3, 0, 0], np.float32), "b": s["b"]}, 5, {}
 
     reply = client_secagg.secagg_fit_handler(train)(_fit_message(state, config), _context())
@@ -226,13 +226,13 @@ def test_fit_handler_sends_the_named_update_and_reports_clipping() -> None:
     np.testing.assert_array_equal(delta_b, np.zeros((2, 2)))
     assert fitres.num_examples == 5
     # Weighted by 5/10 the limit is 0.1 / 0.5 = 0.2: one of 8 entries (0.3) is clipped.
-    assert fitres.metrics[client_secagg.METRIC_CLIPPED] == pytest.approx(1 / 8)
+    assert fitres.metrics[client_secagg.METRIC_SECAGG_CLIPPED] == pytest.approx(1 / 8)
 
 
 @pytest.mark.usefixtures("flower_task")
 def test_fit_handler_refuses_weights_above_max_weight_and_renamed_tensors() -> None:
     state = {"a": np.zeros(2, np.float32)}
-    config = {client_secagg.NAMES_KEY: '["a"]', client_secagg.MAX_WEIGHT_KEY: 10.0}
+    config = {client_secagg.SECAGG_NAMES_KEY: '["a"]', client_secagg.SECAGG_MAX_WEIGHT_KEY: 10.0}
     too_big = client_secagg.secagg_fit_handler(lambda s, c, x: (s, 11, {}))
     reply = too_big(_fit_message(state, config), _context())
     assert reply.has_error() and "max_weight is 10" in reply.error.reason
@@ -263,7 +263,7 @@ def test_node_requiring_secagg_refuses_a_plain_training_request() -> None:
     assert not client_secagg.secagg_mod(required=False)(plain, _context(), train).has_error()
     assert called == [MessageType.QUERY, MessageType.TRAIN]
     # By default the site decides, in its own node config.
-    site_requires = Context(1, 7, {client_secagg.REQUIRE_KEY: True}, RecordDict(), {})
+    site_requires = Context(1, 7, {client_secagg.NODE_REQUIRE_SECAGG: True}, RecordDict(), {})
     assert client_secagg.secagg_mod()(plain, site_requires, train).has_error()
     assert not client_secagg.secagg_mod()(plain, _context(), train).has_error()
 
@@ -289,9 +289,9 @@ def test_fedlora_training_runs_inside_the_protocol(tiny_model_dir: Path, text_cs
     model = build_model(tiny_model_dir, 3, LoraSettings(rank=2, alpha=4, dropout=0.0), seed=5)
     initial = adapter_state(model)
     config = {
-        client_secagg.NAMES_KEY: json.dumps(list(initial)),
-        client_secagg.CLIPPING_KEY: 1.0,
-        client_secagg.MAX_WEIGHT_KEY: 100.0,
+        client_secagg.SECAGG_NAMES_KEY: json.dumps(list(initial)),
+        client_secagg.SECAGG_CLIPPING_KEY: 1.0,
+        client_secagg.SECAGG_MAX_WEIGHT_KEY: 100.0,
         "server-round": 1,
     }
     context = Context(1, 7, {"data-path": str(text_csv)}, RecordDict(), run_config)
@@ -302,7 +302,7 @@ def test_fedlora_training_runs_inside_the_protocol(tiny_model_dir: Path, text_cs
     assert [d.shape for d in deltas] == [v.shape for v in initial.values()]
     assert fitres.num_examples == 32
     assert any(np.abs(d).max() > 0 for d in deltas)  # it trained
-    assert fitres.metrics[client_secagg.METRIC_CLIPPED] == 0.0
+    assert fitres.metrics[client_secagg.METRIC_SECAGG_CLIPPED] == 0.0
     assert {"loss", "accuracy"} <= set(fitres.metrics)
     # A broken site file comes back as fedlora's own error reply, not a crash.
     bad = Context(1, 7, {"data-path": str(text_csv) + ".missing"}, RecordDict(), run_config)

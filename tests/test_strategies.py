@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedlora.config import ARRAYS_KEY, METRIC_NUM_EXAMPLES
 from fedlora.errors import ConfigError
+from fedlora.protocol import ARRAYS_KEY, METRIC_NUM_EXAMPLES
 from fedlora.strategies.registry import STRATEGIES, build_strategy, strategy_options
 
 pytestmark = pytest.mark.usefixtures("flower_task")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedlora.config import ARRAYS_KEY
+from fedlora.protocol import ARRAYS_KEY
 from fedlora.server.validation import (
     check_update,
     expected_from_state,

@@ -37,14 +37,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from fedlora.client.centering import (
-    KEY_FEATURE_CENTER,
-    KEY_FEATURE_COUNT,
-    KEY_FEATURE_SUM,
-    QUERY_FEATURE_STATS,
-    STATS_RECORD,
-    feature_statistics,
-)
+from fedlora.client.centering import feature_statistics
 from fedlora.client.modes import NodeMode, node_mode
 from fedlora.client.private import (
     center_release,
@@ -57,17 +50,7 @@ from fedlora.client.private import (
 from fedlora.client.secagg import fedlora_secagg_train, is_secagg_fit, secagg_mod
 from fedlora.client.train import EncodedDataset, encode, evaluate, local_train, round_generator
 from fedlora.client.upload import build_upload
-from fedlora.config import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    KEY_SERVER_ROUND,
-    METRIC_ACCURACY,
-    METRIC_BYTES_SENT,
-    METRIC_LOSS,
-    METRIC_NUM_EXAMPLES,
-    METRIC_TRAIN_TIME,
-    RunConfig,
-)
+from fedlora.config import RunConfig
 from fedlora.data.labels import LabelSpace
 from fedlora.data.partition import client_partition, simulation_split
 from fedlora.data.sources import TextDataset, load_table
@@ -82,23 +65,45 @@ from fedlora.models import (
     trainable_state,
 )
 from fedlora.privacy.central import client_clipping_mod
-from fedlora.privacy.releases import METRIC_DELTA, METRIC_EPSILON
+from fedlora.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ERROR_CODE_BUDGET,
+    ERROR_CODE_INTERNAL,
+    ERROR_CODE_PRIVACY,
+    ERROR_CODE_USER,
+    KEY_FEATURE_CENTER,
+    KEY_FEATURE_COUNT,
+    KEY_FEATURE_SUM,
+    KEY_LORA_RANK,
+    KEY_SERVER_ROUND,
+    METRIC_ACCURACY,
+    METRIC_BYTES_SENT,
+    METRIC_DELTA,
+    METRIC_EPSILON,
+    METRIC_LOSS,
+    METRIC_NUM_EXAMPLES,
+    METRIC_TRAIN_TIME,
+    METRICS_KEY,
+    NODE_DATA_PATH,
+    NODE_LABEL_COLUMN,
+    NODE_NUM_PARTITIONS,
+    NODE_PARTITION_ID,
+    NODE_SITE_NAME,
+    NODE_TEXT_COLUMN,
+    QUERY_FEATURE_STATS,
+    QUERY_LORA_RANK,
+    RANK_RECORD,
+    SITE_KEY,
+    STATS_RECORD,
+)
 from fedlora.simulations.attacks import flip_labels, poison_update
-from fedlora.strategies.protocol import KEY_LORA_RANK, QUERY_LORA_RANK, RANK_RECORD
 
 log = logging.getLogger("fedlora.client")
 
-SITE_KEY = "site-key"  # must equal fedlora.server.loop.SITE_KEY
 
 # Node-config keys (set by the node's operator with `flower-supernode --node-config`).
-NODE_DATA_PATH = "data-path"
-NODE_TEXT_COLUMN = "text-column"
-NODE_LABEL_COLUMN = "label-column"
 # Error codes in error replies, so the server can tell kinds of failure apart.
-ERROR_CODE_USER = 4001  # fixable input problem at the node (data, config, model)
-ERROR_CODE_PRIVACY = 4002  # DP asked for but not applicable: the node refuses (fails closed)
-ERROR_CODE_BUDGET = 4003  # the node's own privacy budget would be exceeded
-ERROR_CODE_INTERNAL = 4000  # an unexpected error at the node; details stay in its log
 
 
 def error_reply(msg: Message, exc: BaseException, code: int | None = None) -> Message:
@@ -168,13 +173,13 @@ def local_dataset(cfg: RunConfig, context: Context) -> tuple[TextDataset, int]:
             labels,
         )
         return data, int(context.node_id) % 1_000_003
-    if "partition-id" not in node:
+    if NODE_PARTITION_ID not in node:
         raise ConfigError(
             "this node has neither 'data-path' (a real site) nor 'partition-id' "
             "(a simulated one) in its node config; start it with "
             "--node-config \"data-path='/data/notes.csv'\""
         )
-    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])
     return client_partition(cfg.data, cfg.seed, pid, n), pid
 
 
@@ -283,9 +288,9 @@ def build_client_app(
 def site_key(context: Context) -> str:
     """A stable name for this site, used by the server for seeded sampling."""
     node = context.node_config
-    if "site-name" in node:
-        return str(node["site-name"])
-    if "partition-id" in node:
+    if NODE_SITE_NAME in node:
+        return str(node[NODE_SITE_NAME])
+    if NODE_PARTITION_ID in node:
         return f"partition-{int(node['partition-id']):06d}"
     return f"node-{context.node_id}"
 
@@ -395,7 +400,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
             )
     except Exception as exc:  # every failure is a reply; see failure_reply
         return failure_reply(msg, exc, "training")
-    return Message(content=RecordDict({ARRAYS_KEY: record, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics}), reply_to=msg)
 
 
 def server_round_of(msg: Message) -> int:
@@ -432,7 +437,7 @@ def evaluate_handler(
     except Exception as exc:  # every failure is a reply; see failure_reply
         return failure_reply(msg, exc, "evaluation")
     metrics = MetricRecord({METRIC_NUM_EXAMPLES: n, METRIC_LOSS: loss, METRIC_ACCURACY: accuracy})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
 app = build_client_app()

@@ -38,12 +38,7 @@ from fedlora.privacy.dpsgd import round_generators
 from fedlora.privacy.ledger import PrivacyLedger
 
 # Query (server -> node) asking for the statistics, and the reply's arrays.
-QUERY_FEATURE_STATS = "fedlora-feature-stats"
-STATS_RECORD = "feature-stats"
-KEY_FEATURE_SUM = "feature-sum"
-KEY_FEATURE_COUNT = "feature-count"
 # Train/evaluate ConfigRecord (server -> node): the centre, a list of floats.
-KEY_FEATURE_CENTER = "feature-center"
 # The ledger's round number for the release (it precedes round 1).
 STATS_ROUND = 0
 

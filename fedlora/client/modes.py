@@ -23,11 +23,17 @@ from flwr.app import Context
 
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+from fedlora.protocol import (
+    KEY_LORA_RANK,
+    MODE_FFA,
+    MODE_HETERO,
+    MODE_STANDARD,
+    NODE_DATA_PATH,
+    NODE_NUM_PARTITIONS,
+    NODE_PARTITION_ID,
+    client_mode,
+)
 from fedlora.simulations.attacks import malicious_partitions
-from fedlora.strategies.protocol import KEY_LORA_RANK, MODE_FFA, MODE_HETERO, MODE_STANDARD
-from fedlora.strategies.registry import client_mode
-
-NODE_DATA_PATH = "data-path"  # mirrors fedlora.client.app.NODE_DATA_PATH
 
 
 @dataclass(frozen=True)
@@ -76,16 +82,16 @@ def _rank(cfg: RunConfig, context: Context, mode: str) -> int:
             )
         return value
     ranks = cfg.client_ranks
-    if ranks and "partition-id" in node:
-        return ranks[int(node["partition-id"]) % len(ranks)]  # type: ignore[arg-type]
+    if ranks and NODE_PARTITION_ID in node:
+        return ranks[int(node[NODE_PARTITION_ID]) % len(ranks)]  # type: ignore[arg-type]
     return cfg.lora.rank
 
 
 def _attack(cfg: RunConfig, context: Context) -> str | None:
     node = context.node_config
-    if cfg.sim_malicious_fraction <= 0 or NODE_DATA_PATH in node or "partition-id" not in node:
+    if cfg.sim_malicious_fraction <= 0 or NODE_DATA_PATH in node or NODE_PARTITION_ID not in node:
         return None
-    pid, n = int(node["partition-id"]), int(node["num-partitions"])  # type: ignore[arg-type]
+    pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])  # type: ignore[arg-type]
     return (
         cfg.sim_attack
         if pid in malicious_partitions(cfg.seed, n, cfg.sim_malicious_fraction)

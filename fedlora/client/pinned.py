@@ -31,7 +31,8 @@ def verify_task(fab: Any, run_config: Any) -> str | None:
     AppNotTrusted
         If the site's trust file does not cover the app (or is missing).
     """
-    from fedlora.app_trust import RUN_CONFIG_SIGNATURE, AppNotTrusted, TrustPolicy, fab_digest
+    from fedlora.app_trust import AppNotTrusted, TrustPolicy, fab_digest
+    from fedlora.protocol import RUN_APP_SIGNATURE
 
     if os.environ.get(ENV_TRUST_ANY) == "1":
         return None
@@ -41,7 +42,7 @@ def verify_task(fab: Any, run_config: Any) -> str | None:
             f"this node has no trusted-apps file ({ENV_TRUSTED_APPS} unset) and refuses "
             f"every app (app sha256:{fab_digest(fab.content)})"
         )
-    signature = str(dict(run_config or {}).get(RUN_CONFIG_SIGNATURE, ""))
+    signature = str(dict(run_config or {}).get(RUN_APP_SIGNATURE, ""))
     return TrustPolicy.load(path).check(fab.content, signature)
 
 

@@ -42,15 +42,19 @@ from fedlora.errors import ConfigError, PrivacyError
 from fedlora.privacy.accounting import HistoryEntry, noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import DPConfig, make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger
-from fedlora.privacy.releases import DEFAULT_PUBLIC_EXAMPLES, METRIC_DELTA, METRIC_EPSILON
+from fedlora.privacy.releases import DEFAULT_PUBLIC_EXAMPLES
+from fedlora.protocol import (
+    METRIC_DELTA,
+    METRIC_EPSILON,
+    NODE_ACCOUNTANT,
+    NODE_DATA_PATH,
+    NODE_DELTA,
+    NODE_EPSILON_CAP,
+    NODE_PUBLIC_EXAMPLES,
+)
 
 # Node-config keys a site's operator sets (never the server).
-NODE_EPSILON_CAP = "privacy-epsilon-cap"
-NODE_DELTA = "privacy-delta"
 NODE_LEDGER_DIR = "privacy-ledger-dir"
-NODE_ACCOUNTANT = "privacy-accountant"
-NODE_DATA_PATH = "data-path"
-NODE_PUBLIC_EXAMPLES = "privacy-public-examples"
 
 #: The ledger scope of a real site. A site's ledger is keyed by its data,
 #: never by a name from the server's run config (``federation``): that name

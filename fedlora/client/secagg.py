@@ -19,13 +19,13 @@ This module adds what a fedlora node needs around that mod:
   ``train_fn(state, config, context) -> (state, num_examples, metrics)`` over
   named tensors into the legacy fit handler. Legacy parameters are an
   ordered list, so the server sends the tensor names in the fit config
-  (:data:`NAMES_KEY`) and the handler checks that what training returns has
+  (:data:`SECAGG_NAMES_KEY`) and the handler checks that what training returns has
   exactly those names and shapes.
 * What is masked is the **update** ``trained - global`` (float32), not the
   adapter: its scale is set by the optimiser, not by LoRA's initialisation,
   so one clipping range fits every tensor (see the server module).
 * The node reports, in clear, the share of update entries that SecAgg+'s
-  clipping will cut (:data:`METRIC_CLIPPED`) and refuses to take part when
+  clipping will cut (:data:`METRIC_SECAGG_CLIPPED`) and refuses to take part when
   its example count exceeds the protocol's ``max_weight`` (the masked sum
   would overflow and the round's aggregate would be garbage).
 * :func:`fedlora_secagg_train` runs fedlora's own ``train`` handler (data,
@@ -52,6 +52,17 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.protocol import (
+    ERROR_CODE_SECAGG_REQUIRED,
+    ERROR_CODE_USER,
+    METRIC_SECAGG_CLIPPED,
+    NODE_REQUIRE_SECAGG,
+    NODE_SECAGG_MIN_THRESHOLD,
+    SECAGG_CLIPPING_KEY,
+    SECAGG_FITINS_PARAMETERS,
+    SECAGG_MAX_WEIGHT_KEY,
+    SECAGG_NAMES_KEY,
+)
 from fedlora.strategies.lora_math import is_lora_a
 
 State = dict[str, np.ndarray]
@@ -59,21 +70,10 @@ Scalar = bool | int | float | str | bytes
 TrainFn = Callable[[State, dict[str, Scalar], Context], tuple[State, int, dict[str, Scalar]]]
 
 # Fit-config keys the server (fedlora.server.secagg) sets for every round.
-NAMES_KEY = "fedlora-secagg-names"  # JSON list: tensor names in wire order
-CLIPPING_KEY = "fedlora-secagg-clipping-range"
-MAX_WEIGHT_KEY = "fedlora-secagg-max-weight"
-ROUND_KEY = "server-round"  # equals fedlora.config.KEY_SERVER_ROUND
-METRIC_CLIPPED = "secagg-clipped-fraction"
-REQUIRE_KEY = "require-secagg"  # node config: refuse plain training requests
 # node config: the fewest other nodes whose shares the server must collect
 # to unmask anything (default 2, with the rule "above half the shares")
-MIN_THRESHOLD_KEY = "secagg-min-threshold"
 DEFAULT_MIN_THRESHOLD = 2
 # Error codes, mirroring fedlora.client.app (importing it would pull in torch).
-ERROR_CODE_USER = 4001
-ERROR_CODE_SECAGG_REQUIRED = 4002  # = ERROR_CODE_PRIVACY: the node refuses (fails closed)
-
-_FITINS_PARAMETERS = "fitins.parameters"
 
 
 class SecAggRequired(FedloraError, RuntimeError):
@@ -85,7 +85,7 @@ def is_secagg_fit(msg: Message) -> bool:
     return (
         msg.metadata.message_type == MessageType.TRAIN
         and msg.has_content()
-        and _FITINS_PARAMETERS in msg.content.array_records
+        and SECAGG_FITINS_PARAMETERS in msg.content.array_records
     )
 
 
@@ -98,7 +98,7 @@ def secagg_mod(required: bool | None = None) -> Mod:
         Refuse plain ``train`` messages with an error reply (code
         :data:`ERROR_CODE_SECAGG_REQUIRED`) instead of training and sending a
         readable update. None (the default) lets each node decide with the
-        node-config key ``require-secagg`` (:data:`REQUIRE_KEY`): the site's
+        node-config key ``require-secagg`` (:data:`NODE_REQUIRE_SECAGG`): the site's
         operator, not the server, chooses. ``query`` and ``evaluate``
         messages always pass.
     """
@@ -116,7 +116,7 @@ def secagg_mod(required: bool | None = None) -> Mod:
             exc = SecAggRequired(
                 "this node only sends masked updates (its operator requires secure "
                 "aggregation) but the server asked for a plain one; run the federation "
-                f"with secure aggregation, or restart the node without {REQUIRE_KEY}=true"
+                f"with secure aggregation, or restart the node without {NODE_REQUIRE_SECAGG}=true"
             )
             return _error(msg, exc, ERROR_CODE_SECAGG_REQUIRED)
         return call_next(msg, context)
@@ -136,10 +136,10 @@ def check_setup(msg: Message, context: Context) -> SecAggRequired | None:
     config = msg.content.config_records[RECORD_KEY_CONFIGS]
     if config.get(Key.STAGE) != Stage.SETUP:
         return None
-    raw_min = context.node_config.get(MIN_THRESHOLD_KEY, DEFAULT_MIN_THRESHOLD)
+    raw_min = context.node_config.get(NODE_SECAGG_MIN_THRESHOLD, DEFAULT_MIN_THRESHOLD)
     if isinstance(raw_min, bool) or not isinstance(raw_min, int) or raw_min < 2:
         return SecAggRequired(
-            f"node config has {MIN_THRESHOLD_KEY}={raw_min!r}; give a whole number >= 2"
+            f"node config has {NODE_SECAGG_MIN_THRESHOLD}={raw_min!r}; give a whole number >= 2"
         )
     threshold, shares = config.get(Key.THRESHOLD), config.get(Key.SHARE_NUMBER)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (threshold, shares)):
@@ -151,7 +151,7 @@ def check_setup(msg: Message, context: Context) -> SecAggRequired | None:
         return SecAggRequired(
             f"the server's SecAgg+ set-up has reconstruction threshold {threshold} of "
             f"{shares} shares; this node requires a threshold >= {raw_min} "
-            f"({MIN_THRESHOLD_KEY}) and above half the shares, or the server could "
+            f"({NODE_SECAGG_MIN_THRESHOLD}) and above half the shares, or the server could "
             "unmask a single update. The operator raises reconstruction_threshold (or "
             "samples more nodes)"
         )
@@ -159,7 +159,7 @@ def check_setup(msg: Message, context: Context) -> SecAggRequired | None:
 
 
 def _node_requires(context: Context) -> bool:
-    value = context.node_config.get(REQUIRE_KEY, False)
+    value = context.node_config.get(NODE_REQUIRE_SECAGG, False)
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes")
     return bool(value)
@@ -194,12 +194,12 @@ def read_fitins(msg: Message) -> tuple[list[str], State, dict[str, Scalar]]:
     """Tensor names, the global adapter by name, and the plain fit config."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config: dict[str, Scalar] = dict(fitins.config)
-    if NAMES_KEY not in config:
+    if SECAGG_NAMES_KEY not in config:
         raise ConfigError(
-            f"SecAgg+ fit request has no '{NAMES_KEY}' in its config; the server must "
+            f"SecAgg+ fit request has no '{SECAGG_NAMES_KEY}' in its config; the server must "
             "run fedlora.server.secagg (plain Flower SecAgg+ does not name tensors)"
         )
-    names = json.loads(str(config.pop(NAMES_KEY)))
+    names = json.loads(str(config.pop(SECAGG_NAMES_KEY)))
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(arrays):
         raise ConfigError(
@@ -231,7 +231,7 @@ def fitres_reply(
         if new.shape != old.shape:
             raise ConfigError(f"training changed the shape of {name!r}: {old.shape} -> {new.shape}")
         deltas.append((new.astype(np.float64) - old.astype(np.float64)).astype(np.float32))
-    max_weight = float(config.get(MAX_WEIGHT_KEY, 0.0))
+    max_weight = float(config.get(SECAGG_MAX_WEIGHT_KEY, 0.0))
     if max_weight and num_examples > max_weight:
         raise ConfigError(
             f"this node trained on {num_examples} examples but the federation's SecAgg+ "
@@ -239,13 +239,13 @@ def fitres_reply(
             "operator to raise max-weight (or cap max-train-examples)."
         )
     extra_metrics: dict[str, Scalar] = {}
-    clipping = float(config.get(CLIPPING_KEY, 0.0))
+    clipping = float(config.get(SECAGG_CLIPPING_KEY, 0.0))
     if clipping and max_weight:
         # secaggplus_mod clips (num_examples / max_weight) * delta at +-clipping.
         limit = clipping * max_weight / max(num_examples, 1)
         total = sum(d.size for d in deltas)
         clipped = sum(int(np.count_nonzero(np.abs(d) > limit)) for d in deltas)
-        extra_metrics[METRIC_CLIPPED] = clipped / total if total else 0.0
+        extra_metrics[METRIC_SECAGG_CLIPPED] = clipped / total if total else 0.0
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters(deltas),
@@ -295,13 +295,15 @@ def fedlora_secagg_train(
     in a plain round; its reply is turned into the ``FitRes`` the mod masks.
     """
     from fedlora.client.app import arrays_to_state, train
-    from fedlora.config import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
+    from fedlora.protocol import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
 
     try:
         names, global_state, config = read_fitins(msg)
     except FedloraError as exc:
         return _error(msg, exc, ERROR_CODE_USER)
-    plain = {k: v for k, v in config.items() if k not in (CLIPPING_KEY, MAX_WEIGHT_KEY)}
+    plain = {
+        k: v for k, v in config.items() if k not in (SECAGG_CLIPPING_KEY, SECAGG_MAX_WEIGHT_KEY)
+    }
     msg.content = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in global_state.items()}),

@@ -28,8 +28,8 @@ from fedlora.compression import CompressionScheme, ErrorFeedback, encode
 from fedlora.config import TrainSettings
 from fedlora.errors import ConfigError
 from fedlora.models import AdapterState
+from fedlora.protocol import KEY_DECODES_COMPRESSED
 from fedlora.strategies.compressed import encoded_record
-from fedlora.strategies.protocol import KEY_DECODES_COMPRESSED
 
 log = logging.getLogger("fedlora.client")
 

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
 from fedlora.errors import PrivacyError
+from fedlora.protocol import METRICS_KEY
 
 CENTRAL_MODES = (
     "central-server-fixed",
@@ -215,7 +216,7 @@ def _with_weight(reply: Message, key: str, arrays: ArrayRecord, keep_arrays: boo
             for name, record in reply.content.array_records.items()
         }
     )
-    content["metrics"] = MetricRecord({**dict(metrics), key: 1})
+    content[METRICS_KEY] = MetricRecord({**dict(metrics), key: 1})
     out = copy.copy(reply)  # the caller's reply keeps what the node sent
     out.content = content
     return out

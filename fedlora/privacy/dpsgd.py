@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader
 
 from fedlora.errors import ConfigError, PrivacyError
 from fedlora.privacy.accounting import ACCOUNTANTS, noise_multiplier_for
+from fedlora.protocol import NODE_ACCOUNTANT, NODE_DELTA
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ class DPConfig:
     max_grad_norm: float = _option(
         1.0, "privacy-max-grad-norm", "L2 bound each example's gradient is clipped to."
     )
-    delta: float = _option(1e-5, "privacy-delta", "Delta; below 1/examples.")
-    accountant: str = _option("rdp", "privacy-accountant", "One of ACCOUNTANTS.")
+    delta: float = _option(1e-5, NODE_DELTA, "Delta; below 1/examples.")
+    accountant: str = _option("rdp", NODE_ACCOUNTANT, "One of ACCOUNTANTS.")
     grad_sample_mode: str = _option(
         "hooks", "privacy-grad-sample-mode", "Opacus per-sample gradient mode."
     )

@@ -34,16 +34,15 @@ local DP, see :mod:`fedlora.client.private`).
 
 from __future__ import annotations
 
-from fedlora.config import (
+from fedlora.protocol import (
     METRIC_ACCURACY,
     METRIC_BYTES_SENT,
+    METRIC_DELTA,
+    METRIC_EPSILON,
     METRIC_LOSS,
     METRIC_NUM_EXAMPLES,
     METRIC_TRAIN_TIME,
 )
-
-METRIC_EPSILON = "epsilon"
-METRIC_DELTA = "delta"
 
 #: Metric keys of a train reply without local DP (exact).
 PLAIN_TRAIN_METRICS = frozenset(

@@ -32,16 +32,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.client.app import arrays_to_state, state_to_arrays
-from fedlora.client.centering import KEY_FEATURE_CENTER
 from fedlora.client.train import encode, evaluate
-from fedlora.config import (
-    ARRAYS_KEY,
-    METRIC_ACCURACY,
-    METRIC_BYTES_SENT,
-    METRIC_LOSS,
-    METRIC_NUM_EXAMPLES,
-    RunConfig,
-)
+from fedlora.config import RunConfig
 from fedlora.data.partition import simulation_split
 from fedlora.io import atomic_write_bytes, atomic_write_json
 from fedlora.models import (
@@ -56,6 +48,16 @@ from fedlora.models import (
 )
 from fedlora.privacy.central import central_epsilon, wrap_central
 from fedlora.privacy.dpsgd import recipe_advice
+from fedlora.protocol import (
+    ARRAYS_KEY,
+    KEY_FEATURE_CENTER,
+    METRIC_ACCURACY,
+    METRIC_BYTES_SENT,
+    METRIC_LOSS,
+    METRIC_NUM_EXAMPLES,
+    MODE_FFA,
+    client_mode,
+)
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.ensemble import EnsembleEvaluator
 from fedlora.server.history import RoundRecord, RunHistory
@@ -83,8 +85,7 @@ from fedlora.server.validation import (
 )
 from fedlora.strategies.compressed import SentArrays
 from fedlora.strategies.lora_math import is_lora_a, state_norm
-from fedlora.strategies.protocol import MODE_FFA
-from fedlora.strategies.registry import build_strategy, client_mode
+from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")
 

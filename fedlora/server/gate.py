@@ -36,8 +36,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from fedlora.compression import SEPARATOR
-from fedlora.config import ARRAYS_KEY, METRIC_NUM_EXAMPLES, RunConfig
+from fedlora.config import RunConfig
 from fedlora.privacy.releases import EVALUATE_METRICS, train_metric_keys
+from fedlora.protocol import ARRAYS_KEY, METRIC_NUM_EXAMPLES
 
 _MAGIC = b"\x93NUMPY"
 _MAX_HEADER = 4096

@@ -33,29 +33,26 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.client.centering import (
-    KEY_FEATURE_COUNT,
-    KEY_FEATURE_SUM,
-    QUERY_FEATURE_STATS,
-    STATS_RECORD,
-    combine,
-    sum_clip,
-)
-from fedlora.config import (
+from fedlora.client.centering import combine, sum_clip
+from fedlora.config import RunConfig
+from fedlora.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    ERROR_CODE_BUDGET,
+    KEY_FEATURE_COUNT,
+    KEY_FEATURE_SUM,
     METRIC_ACCURACY,
     METRIC_BYTES_SENT,
     METRIC_LOSS,
-    RunConfig,
+    QUERY_FEATURE_STATS,
+    QUERY_SITE,
+    SITE_KEY,
+    STATS_RECORD,
 )
 from fedlora.server.gate import ReplyLimits, check_statistics_reply, gate_replies
 
 log = logging.getLogger("fedlora.server")
 
-SITE_KEY = "site-key"
-ERROR_CODE_BUDGET = 4003  # mirrors fedlora.client.app.ERROR_CODE_BUDGET
-QUERY_SITE = "fedlora-site"
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
 RoundHook = Callable[["RoundOutcome"], None]

@@ -128,8 +128,13 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedlora.client.secagg import CLIPPING_KEY, MAX_WEIGHT_KEY, NAMES_KEY, ROUND_KEY
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.protocol import (
+    KEY_SERVER_ROUND,
+    SECAGG_CLIPPING_KEY,
+    SECAGG_MAX_WEIGHT_KEY,
+    SECAGG_NAMES_KEY,
+)
 from fedlora.server.loop import wait_for_nodes
 
 log = logging.getLogger("fedlora.server")
@@ -330,10 +335,10 @@ def run_secagg_rounds(
         recording = _RecordingGrid(grid)
         config: dict[str, Scalar] = {
             **dict(train_config or {}),
-            ROUND_KEY: rnd,
-            NAMES_KEY: json.dumps(names),
-            CLIPPING_KEY: float(settings.clipping_range),
-            MAX_WEIGHT_KEY: float(settings.max_weight),
+            KEY_SERVER_ROUND: rnd,
+            SECAGG_NAMES_KEY: json.dumps(names),
+            SECAGG_CLIPPING_KEY: float(settings.clipping_range),
+            SECAGG_MAX_WEIGHT_KEY: float(settings.max_weight),
         }
         collector = _Collector(len(nodes), config)
         context = _legacy_context(recording, nodes, collector, rnd, num_rounds)

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedlora.config import ARRAYS_KEY
+from fedlora.protocol import ARRAYS_KEY
 from fedlora.server.loop import ReplyFilter
 from fedlora.strategies.lora_math import norm_excess
 

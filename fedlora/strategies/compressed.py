@@ -49,8 +49,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora.compression import SEPARATOR, decode
 from fedlora.errors import UpdateRejected
+from fedlora.protocol import ARRAYS_KEY, KEY_DECODES_COMPRESSED
 from fedlora.strategies.lora_math import State, norm_excess
-from fedlora.strategies.protocol import KEY_DECODES_COMPRESSED
 
 log = logging.getLogger("fedlora.server")
 
@@ -233,7 +233,7 @@ class CompressedUpdates(Strategy):
 
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
-        key = getattr(strategy, "arrayrecord_key", "arrays")
+        key = getattr(strategy, "arrayrecord_key", ARRAYS_KEY)
         self.sent = SentArrays(key)
 
     def summary(self) -> None:

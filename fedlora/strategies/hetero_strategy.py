@@ -36,7 +36,15 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora.config import CONFIG_KEY
+from fedlora.protocol import (
+    CONFIG_KEY,
+    KEY_LORA_RANK,
+    KEY_SERVER_ROUND,
+    METRIC_TRUNCATION,
+    MODE_HETERO,
+    QUERY_LORA_RANK,
+    RANK_RECORD,
+)
 from fedlora.strategies.hetero_rank import aggregate_hetero, split_for_rank
 from fedlora.strategies.lora_math import LORA_A_SUFFIX, State, dense_keys, lora_pairs
 from fedlora.strategies.lora_strategy import (
@@ -44,13 +52,6 @@ from fedlora.strategies.lora_strategy import (
     revive_dead_directions,
     state_rank,
     to_record,
-)
-from fedlora.strategies.protocol import (
-    KEY_LORA_RANK,
-    METRIC_TRUNCATION,
-    MODE_HETERO,
-    QUERY_LORA_RANK,
-    RANK_RECORD,
 )
 
 log = logging.getLogger("fedlora.server")
@@ -136,7 +137,7 @@ class HeteroRank(LoraStrategy):
         self._learn_ranks(grid, [n for n in nodes if n not in self.node_ranks], max_rank(arrays))
         deltas, dense = self._global_mean(arrays)
         default_rank = state_rank(arrays)
-        config["server-round"] = server_round
+        config[KEY_SERVER_ROUND] = server_round
         by_rank: dict[int, ArrayRecord] = {}
         messages = []
         for node in nodes:

@@ -9,8 +9,9 @@ strategy is adding one entry (or one module that calls :func:`register`).
 
 fedlora's LoRA-aware strategies (``lora-exact``, ``ffa-lora``,
 ``hetero-rank``) each declare how clients must train for them
-(:func:`client_mode`); the ClientApp follows the run's ``strategy`` name, so
-the server and its clients cannot disagree about it. When clients compress
+(``client_mode``, the same table as :data:`fedlora.protocol.STRATEGY_MODES`);
+the ClientApp follows the run's ``strategy`` name, so the server and its
+clients cannot disagree about it. When clients compress
 their updates (run config ``compression``), a Flower strategy is wrapped in
 :class:`~fedlora.strategies.compressed.CompressedUpdates`, which decodes them
 first; the LoRA strategies decode by themselves.
@@ -37,14 +38,20 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedlora.config import ARRAYS_KEY, COMPRESSION_KINDS, CONFIG_KEY, METRIC_NUM_EXAMPLES
+from fedlora.config import COMPRESSION_KINDS
 from fedlora.errors import ConfigError
+from fedlora.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRIC_NUM_EXAMPLES,
+    MODE_STANDARD,
+    declare_mode,
+)
 from fedlora.strategies.compressed import CompressedUpdates
 from fedlora.strategies.exact_strategy import LoraExact
 from fedlora.strategies.ffa_strategy import FfaLora
 from fedlora.strategies.hetero_strategy import HeteroRank
 from fedlora.strategies.lora_strategy import LoraStrategy
-from fedlora.strategies.protocol import MODE_STANDARD
 
 StrategyFactory = Callable[..., Strategy]
 
@@ -86,15 +93,7 @@ def register(name: str, factory: StrategyFactory) -> None:
     if name in STRATEGIES:
         raise ConfigError(f"strategy name {name!r} is already registered")
     STRATEGIES[name] = factory
-
-
-def client_mode(name: str) -> str:
-    """How clients train for strategy ``name``: ``standard``, ``ffa`` or ``hetero-rank``.
-
-    ``standard`` for every strategy that does not say otherwise (all of
-    Flower's): train A, B and head at the run's lora-rank and send them all.
-    """
-    return str(getattr(_lookup(name), "client_mode", MODE_STANDARD))
+    declare_mode(name, str(getattr(factory, "client_mode", MODE_STANDARD)))
 
 
 def strategy_options(name: str) -> list[str]:
