@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedlora.client.app import payload_bytes, state_to_arrays
 from fedlora.config import LoraSettings
 from fedlora.models import adapter_state, build_model, default_model_path
+from fedlora.records import payload_bytes, state_to_arrays
 
 
 def main() -> None:

@@ -22,9 +22,10 @@ import numpy as np
 
 from fedlora.config import LoraSettings
 from fedlora.models import adapter_state_shapes, build_model, default_model_path
+from fedlora.records import is_lora_a
 from fedlora.strategies.exact_lora import aggregate_exact
 from fedlora.strategies.ffa_lora import aggregate_ffa
-from fedlora.strategies.lora_math import RunningMean, is_lora_a
+from fedlora.strategies.lora_math import RunningMean
 
 State = dict[str, np.ndarray]
 

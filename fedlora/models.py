@@ -35,11 +35,11 @@ import torch
 
 from fedlora.config import LoraSettings
 from fedlora.errors import ModelError
+from fedlora.records import State, nonfinite_key
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-AdapterState = dict[str, np.ndarray]
 
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -386,7 +386,7 @@ def cached_model(model_path: str | None, num_labels: int, lora: LoraSettings, se
     return _MODEL_CACHE[key]
 
 
-def adapter_state(model: Any) -> AdapterState:
+def adapter_state(model: Any) -> State:
     """Every adapter tensor (LoRA A/B and classifier head) by PEFT's names.
 
     This is the whole adapter, including tensors a client keeps frozen (FFA-LoRA's
@@ -395,7 +395,7 @@ def adapter_state(model: Any) -> AdapterState:
     return {k: _numpy(v) for k, v in _checked_peft_state(model)[0].items()}
 
 
-def trainable_state(model: Any) -> AdapterState:
+def trainable_state(model: Any) -> State:
     """The adapter tensors that train, by PEFT's names: what a client sends.
 
     Equal to :func:`adapter_state` in ordinary LoRA; under FFA-LoRA (A frozen)
@@ -451,7 +451,7 @@ def set_lora_a_trainable(model: Any, trainable: bool) -> None:
             param.requires_grad_(trainable)
 
 
-def load_adapter_state(model: Any, state: AdapterState) -> None:
+def load_adapter_state(model: Any, state: State) -> None:
     """Load a full adapter state strictly: same names, same shapes, finite."""
     from peft import set_peft_model_state_dict
 
@@ -485,7 +485,7 @@ def adapter_state_shapes(model: Any) -> dict[str, tuple[int, ...]]:
 
 def export_adapter(
     model: Any,
-    state: AdapterState,
+    state: State,
     out_dir: str | os.PathLike[str],
     labels: list[str],
     metadata: dict[str, Any] | None = None,
@@ -498,9 +498,9 @@ def export_adapter(
 
     Raises ``ValueError`` on a non-finite tensor: a NaN adapter is never exported.
     """
-    bad = [k for k, v in state.items() if not np.all(np.isfinite(v))]
-    if bad:
-        raise ValueError(f"refusing to export {out_dir}: tensor {bad[0]!r} is not finite")
+    bad = nonfinite_key(state)
+    if bad is not None:
+        raise ValueError(f"refusing to export {out_dir}: tensor {bad!r} is not finite")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     load_adapter_state(model, state)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import make_text_csv
 
-from fedlora.client.app import payload_bytes
 from fedlora.compression import CompressionScheme, encode
 from fedlora.config import LoraSettings, RunConfig
 from fedlora.models import adapter_state, build_model
+from fedlora.records import payload_bytes
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
 from fedlora.strategies.compressed import encoded_record

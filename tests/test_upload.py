@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedlora.client.app import payload_bytes
 from fedlora.client.upload import FEEDBACK_STATE_KEY, build_upload
 from fedlora.compression import CompressionScheme, decode, encode
 from fedlora.config import TrainSettings
 from fedlora.errors import ConfigError
 from fedlora.protocol import ARRAYS_KEY, METRIC_NUM_EXAMPLES
+from fedlora.records import payload_bytes
 from fedlora.strategies.compressed import CompressedUpdates, record_state
 from fedlora.strategies.registry import build_strategy
 

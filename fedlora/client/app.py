@@ -56,7 +56,6 @@ from fedlora.data.partition import client_partition, simulation_split
 from fedlora.data.sources import TextDataset, load_table
 from fedlora.errors import ConfigError, FedloraError, PrivacyBudgetExceeded, PrivacyError
 from fedlora.models import (
-    AdapterState,
     cached_model,
     load_adapter_state,
     load_tokenizer,
@@ -97,6 +96,7 @@ from fedlora.protocol import (
     SITE_KEY,
     STATS_RECORD,
 )
+from fedlora.records import arrays_to_state, payload_bytes
 from fedlora.simulations.attacks import flip_labels, poison_update
 
 log = logging.getLogger("fedlora.client")
@@ -236,21 +236,6 @@ def message_center(msg: Message, cfg: RunConfig) -> np.ndarray | None:
             "server and node must run the same fedlora version and run config"
         )
     return None
-
-
-def arrays_to_state(record: ArrayRecord) -> AdapterState:
-    """ArrayRecord -> name->ndarray."""
-    return {name: arr.numpy() for name, arr in record.items()}
-
-
-def state_to_arrays(state: AdapterState) -> ArrayRecord:
-    """name->ndarray -> ArrayRecord (order kept)."""
-    return ArrayRecord({name: Array(value) for name, value in state.items()})
-
-
-def payload_bytes(record: ArrayRecord) -> int:
-    """Serialized tensor bytes in a record (what crosses the wire, less framing)."""
-    return int(sum(len(arr.data) for arr in record.values()))
 
 
 def build_client_app(

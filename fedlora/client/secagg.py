@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -63,9 +63,8 @@ from fedlora.protocol import (
     SECAGG_MAX_WEIGHT_KEY,
     SECAGG_NAMES_KEY,
 )
-from fedlora.strategies.lora_math import is_lora_a
+from fedlora.records import State, is_lora_a, state_to_arrays
 
-State = dict[str, np.ndarray]
 Scalar = bool | int | float | str | bytes
 TrainFn = Callable[[State, dict[str, Scalar], Context], tuple[State, int, dict[str, Scalar]]]
 
@@ -294,8 +293,9 @@ def fedlora_secagg_train(
     local DP, the node's privacy ledger and error replies behave exactly as
     in a plain round; its reply is turned into the ``FitRes`` the mod masks.
     """
-    from fedlora.client.app import arrays_to_state, train
+    from fedlora.client.app import train
     from fedlora.protocol import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
+    from fedlora.records import arrays_to_state
 
     try:
         names, global_state, config = read_fitins(msg)
@@ -306,7 +306,7 @@ def fedlora_secagg_train(
     }
     msg.content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in global_state.items()}),
+            ARRAYS_KEY: state_to_arrays(global_state),
             CONFIG_KEY: ConfigRecord(plain),  # type: ignore[arg-type]
         }
     )

@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.compression import CompressionScheme, ErrorFeedback, encode
 from fedlora.config import TrainSettings
 from fedlora.errors import ConfigError
-from fedlora.models import AdapterState
 from fedlora.protocol import KEY_DECODES_COMPRESSED
+from fedlora.records import State, arrays_to_state, state_to_arrays
 from fedlora.strategies.compressed import encoded_record
 
 log = logging.getLogger("fedlora.client")
@@ -46,8 +46,8 @@ def scheme_of(settings: TrainSettings) -> CompressionScheme:
 
 
 def build_upload(
-    trained: AdapterState,
-    received: AdapterState,
+    trained: State,
+    received: State,
     settings: TrainSettings,
     server_config: ConfigRecord,
     node_state: RecordDict,
@@ -96,10 +96,10 @@ def build_upload(
     return encoded_record(encoded)
 
 
-def _saved_residual(node_state: RecordDict, delta: AdapterState) -> AdapterState:
+def _saved_residual(node_state: RecordDict, delta: State) -> State:
     if FEEDBACK_STATE_KEY not in node_state.array_records:
         return {}
-    saved = {k: a.numpy() for k, a in node_state.array_records[FEEDBACK_STATE_KEY].items()}
+    saved = arrays_to_state(node_state.array_records[FEEDBACK_STATE_KEY])
     same = saved.keys() == delta.keys() and all(saved[k].shape == delta[k].shape for k in delta)
     if not same:
         # The adapter changed shape (another lora-rank, another strategy): the
@@ -110,4 +110,4 @@ def _saved_residual(node_state: RecordDict, delta: AdapterState) -> AdapterState
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return state_to_arrays(arrays)

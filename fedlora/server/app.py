@@ -31,7 +31,6 @@ import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.client.app import arrays_to_state, state_to_arrays
 from fedlora.client.train import encode, evaluate
 from fedlora.config import RunConfig
 from fedlora.data.partition import simulation_split
@@ -58,6 +57,7 @@ from fedlora.protocol import (
     MODE_FFA,
     client_mode,
 )
+from fedlora.records import arrays_to_state, is_lora_a, state_to_arrays
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.ensemble import EnsembleEvaluator
 from fedlora.server.history import RoundRecord, RunHistory
@@ -84,7 +84,7 @@ from fedlora.server.validation import (
     make_update_validator,
 )
 from fedlora.strategies.compressed import SentArrays
-from fedlora.strategies.lora_math import is_lora_a, state_norm
+from fedlora.strategies.lora_math import state_norm
 from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")

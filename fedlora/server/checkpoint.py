@@ -33,6 +33,7 @@ import numpy as np
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.io import atomic_write_bytes, atomic_write_json
+from fedlora.records import nonfinite_key
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -99,10 +100,10 @@ def save_checkpoint(
     folder = root / f"round-{server_round:06d}"
     buffer = io.BytesIO()
     np.savez(buffer, **state)  # type: ignore[arg-type]
-    bad = [k for k, v in state.items() if not np.all(np.isfinite(v))]
-    if bad:
+    bad = nonfinite_key(state)
+    if bad is not None:
         # A NaN must never become the state a run resumes from.
-        raise ValueError(f"refusing to checkpoint round {server_round}: {bad[0]!r} is not finite")
+        raise ValueError(f"refusing to checkpoint round {server_round}: {bad!r} is not finite")
     adapter, pickled = buffer.getvalue(), dump_strategy(strategy)
     atomic_write_bytes(folder / "adapter.npz", adapter)
     atomic_write_bytes(folder / "strategy.pkl", pickled)

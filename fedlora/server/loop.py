@@ -49,6 +49,7 @@ from fedlora.protocol import (
     SITE_KEY,
     STATS_RECORD,
 )
+from fedlora.records import arrays_to_state, nonfinite_key
 from fedlora.server.gate import ReplyLimits, check_statistics_reply, gate_replies
 
 log = logging.getLogger("fedlora.server")
@@ -376,7 +377,7 @@ def run_rounds(
                 f"round {rnd}: the strategy produced no global update from {len(ok)} "
                 "accepted replies; failures: " + ("; ".join(failures) or "none")
             )
-        bad = nonfinite_tensor(new_arrays)
+        bad = nonfinite_key(arrays_to_state(new_arrays))
         if bad is not None:
             raise RunStopped(
                 f"round {rnd}: the aggregate has non-finite values in {bad!r}; the round "
@@ -420,14 +421,6 @@ def run_rounds(
         outcome.seconds = time.perf_counter() - start
         on_round(outcome)
     return arrays
-
-
-def nonfinite_tensor(arrays: ArrayRecord) -> str | None:
-    """The first tensor of ``arrays`` holding NaN or inf, or None."""
-    for name, array in arrays.items():
-        if not np.all(np.isfinite(array.numpy())):
-            return name
-    return None
 
 
 def measure_feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig) -> np.ndarray:

@@ -135,11 +135,11 @@ from fedlora.protocol import (
     SECAGG_MAX_WEIGHT_KEY,
     SECAGG_NAMES_KEY,
 )
+from fedlora.records import State
 from fedlora.server.loop import wait_for_nodes
 
 log = logging.getLogger("fedlora.server")
 
-State = dict[str, np.ndarray]
 SelectFn = Callable[[int, list[int]], list[int]]
 MIN_SECAGG_NODES = 3
 

@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -50,7 +49,8 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.compression import SEPARATOR, decode
 from fedlora.errors import UpdateRejected
 from fedlora.protocol import ARRAYS_KEY, KEY_DECODES_COMPRESSED
-from fedlora.strategies.lora_math import State, norm_excess
+from fedlora.records import State, arrays_to_state, state_to_arrays
+from fedlora.strategies.lora_math import norm_excess
 
 log = logging.getLogger("fedlora.server")
 
@@ -70,7 +70,7 @@ def is_encoded(record: ArrayRecord) -> bool:
 
 def encoded_record(encoded: Mapping[str, np.ndarray]) -> ArrayRecord:
     """An encoded payload (:func:`fedlora.compression.encode`) as an ArrayRecord."""
-    return ArrayRecord({key: Array(np.ascontiguousarray(a)) for key, a in encoded.items()})
+    return state_to_arrays(encoded)
 
 
 def record_state(record: ArrayRecord) -> State:
@@ -190,7 +190,8 @@ class SentArrays:
             state = record_state(record)
         _check_against(state, base, f"node {node}")
         if math.isfinite(self.max_norm):
-            whole = {**{k: v.numpy() for k, v in base.items() if k not in state}, **state}
+            rest = {k: v for k, v in arrays_to_state(base).items() if k not in state}
+            whole = {**rest, **state}
             excess = norm_excess(whole, self.max_norm)
             if excess is not None:
                 raise UpdateRejected(f"node {node}: {excess}")
@@ -264,9 +265,7 @@ class CompressedUpdates(Strategy):
                 log.warning("round %d: update left out: %s", server_round, exc)
                 continue
             content = RecordDict(dict(reply.content.items()))
-            content[self.sent.arrayrecord_key] = ArrayRecord(
-                {k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
-            )
+            content[self.sent.arrayrecord_key] = state_to_arrays(state)
             plain = copy.copy(reply)  # the caller's reply keeps what the node sent
             plain.content = content
             decoded.append(plain)

@@ -49,9 +49,9 @@ from typing import Literal
 import numpy as np
 
 from fedlora.errors import ConfigError
+from fedlora.records import State
 from fedlora.strategies.lora_math import (
     RunningMean,
-    State,
     dense_keys,
     factorise,
     lora_pairs,

@@ -17,8 +17,8 @@ adapter can hold, the SVD drops the smallest directions: the train metric
 from __future__ import annotations
 
 from fedlora.protocol import METRIC_TRUNCATION, MODE_STANDARD
+from fedlora.records import State
 from fedlora.strategies.exact_lora import aggregate_exact
-from fedlora.strategies.lora_math import State
 from fedlora.strategies.lora_strategy import LoraStrategy, revive_dead_directions, state_rank
 
 __all__ = ["LoraExact"]

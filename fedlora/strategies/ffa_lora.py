@@ -32,14 +32,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from fedlora.errors import ConfigError, UpdateRejected
-from fedlora.strategies.lora_math import (
-    LORA_A_SUFFIX,
-    RunningMean,
-    State,
-    is_lora_a,
-    lora_pairs,
-    zip_weighted,
-)
+from fedlora.records import LORA_A_SUFFIX, State, is_lora_a
+from fedlora.strategies.lora_math import RunningMean, lora_pairs, zip_weighted
 
 __all__ = [
     "aggregate_ffa",

@@ -34,8 +34,8 @@ from flwr.app import ArrayRecord
 
 from fedlora.errors import ConfigError, UpdateRejected
 from fedlora.protocol import MODE_FFA
+from fedlora.records import State, is_lora_a
 from fedlora.strategies.ffa_lora import aggregate_ffa, ffa_trainable_keys
-from fedlora.strategies.lora_math import State, is_lora_a
 from fedlora.strategies.lora_strategy import LoraStrategy
 
 __all__ = ["FfaLora"]

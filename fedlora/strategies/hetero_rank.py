@@ -33,12 +33,10 @@ from typing import NamedTuple
 import numpy as np
 
 from fedlora.errors import ConfigError
+from fedlora.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State
 from fedlora.strategies.lora_math import (
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
     Factors,
     RunningMean,
-    State,
     dense_keys,
     factorise,
     lora_pairs,

@@ -45,8 +45,9 @@ from fedlora.protocol import (
     QUERY_LORA_RANK,
     RANK_RECORD,
 )
+from fedlora.records import LORA_A_SUFFIX, State, arrays_to_state
 from fedlora.strategies.hetero_rank import aggregate_hetero, split_for_rank
-from fedlora.strategies.lora_math import LORA_A_SUFFIX, State, dense_keys, lora_pairs
+from fedlora.strategies.lora_math import dense_keys, lora_pairs
 from fedlora.strategies.lora_strategy import (
     LoraStrategy,
     revive_dead_directions,
@@ -179,7 +180,7 @@ class HeteroRank(LoraStrategy):
             return self._mean[1], self._mean[2]
         # First round, or the arrays changed outside this strategy (e.g. resumed):
         # the global factors themselves are the best knowledge of D.
-        state = {k: arr.numpy() for k, arr in arrays.items()}
+        state = arrays_to_state(arrays)
         return unit_deltas(state), {k: state[k] for k in dense_keys(state)}
 
     # ---------------------------------------------------------- aggregating

@@ -29,17 +29,13 @@ from typing import NamedTuple
 import numpy as np
 
 from fedlora.errors import UpdateRejected
+from fedlora.records import LORA_A_SUFFIX, LORA_B_SUFFIX, State, is_lora_a, is_lora_b
 
 __all__ = [
-    "LORA_A_SUFFIX",
-    "LORA_B_SUFFIX",
     "Factors",
     "RunningMean",
-    "State",
     "dense_keys",
     "factorise",
-    "is_lora_a",
-    "is_lora_b",
     "lora_pairs",
     "lora_scaling",
     "norm_excess",
@@ -47,12 +43,6 @@ __all__ = [
     "weighted_mean",
     "zip_weighted",
 ]
-
-State = dict[str, np.ndarray]
-"""An adapter state: float32 arrays keyed by parameter name."""
-
-LORA_A_SUFFIX = ".lora_A.weight"
-LORA_B_SUFFIX = ".lora_B.weight"
 
 
 def state_norm(state: Mapping[str, np.ndarray]) -> float:
@@ -79,16 +69,6 @@ def norm_excess(state: Mapping[str, np.ndarray], max_norm: float) -> str | None:
             "noise at a large learning rate)"
         )
     return None
-
-
-def is_lora_a(key: str) -> bool:
-    """Whether ``key`` names a LoRA down-projection (A) factor."""
-    return key.endswith(LORA_A_SUFFIX)
-
-
-def is_lora_b(key: str) -> bool:
-    """Whether ``key`` names a LoRA up-projection (B) factor."""
-    return key.endswith(LORA_B_SUFFIX)
 
 
 def lora_pairs(state: Mapping[str, np.ndarray]) -> dict[str, tuple[str, str]]:

@@ -36,9 +36,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlora.errors import UpdateRejected
 from fedlora.protocol import KEY_DECODES_COMPRESSED, METRIC_REJECTED, MODE_STANDARD
+from fedlora.records import LORA_A_SUFFIX, State
 from fedlora.strategies.compressed import SentArrays, record_state
 from fedlora.strategies.ffa_lora import ffa_init_A
-from fedlora.strategies.lora_math import LORA_A_SUFFIX, State, lora_pairs
+from fedlora.strategies.lora_math import lora_pairs
 
 log = logging.getLogger("fedlora.server")
 
