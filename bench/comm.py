@@ -9,7 +9,8 @@ import argparse
 import json
 
 from fedlora.config import LoraSettings
-from fedlora.models import adapter_state, build_model, default_model_path
+from fedlora.models.adapter import adapter_state
+from fedlora.models.loading import build_model, default_model_path
 from fedlora.records import payload_bytes, state_to_arrays
 
 
@@ -27,7 +28,7 @@ def main() -> None:
     lora_state = adapter_state(model)
     from transformers import AutoModelForSequenceClassification
 
-    from fedlora.models import resolve_model_path
+    from fedlora.models.loading import resolve_model_path
 
     # Full fine-tuning would send every tensor of the plain classifier.
     full = AutoModelForSequenceClassification.from_pretrained(

@@ -44,13 +44,16 @@ from typing import Any
 
 import torch
 
-from fedlora.client.centering import clip_rows, combine, sum_clip
 from fedlora.client.private import NodePrivacy, round_noise
-from fedlora.client.train import collate, encode, label_log_prior, predict_proba
+from fedlora.client.train import label_log_prior
 from fedlora.config import DataSettings, RunConfig
 from fedlora.data.partition import client_partition, simulation_split
 from fedlora.data.sources import TextDataset
-from fedlora.models import load_exported, load_tokenizer, resolve_model_path
+from fedlora.models.adapter import load_exported
+from fedlora.models.batches import collate, encode
+from fedlora.models.centering import clip_rows, combine, sum_clip
+from fedlora.models.inference import predict_proba
+from fedlora.models.loading import load_tokenizer, resolve_model_path
 from fedlora.privacy.accounting import steps_per_round
 
 

@@ -20,10 +20,11 @@ import warnings
 import torch
 from torch.utils.data import DataLoader
 
-from fedlora.client.train import collate, encode, trainable_parameters
+from fedlora.client.train import trainable_parameters
 from fedlora.config import LoraSettings
 from fedlora.data.sources import load_bbc_news
-from fedlora.models import build_model, load_tokenizer
+from fedlora.models.batches import collate, encode
+from fedlora.models.loading import build_model, load_tokenizer
 from fedlora.privacy.dpsgd import DPConfig, make_private
 
 

@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
-from fedlora.client.train import encode, evaluate, make_loader, make_optimizer, train_epochs
+from fedlora.client.train import make_optimizer, train_epochs
 from fedlora.config import LoraSettings, TrainSettings
 from fedlora.data.sources import TextDataset, load_demo
-from fedlora.models import build_model, load_tokenizer
+from fedlora.models.batches import encode, make_loader
+from fedlora.models.inference import evaluate
+from fedlora.models.loading import build_model, load_tokenizer
 from fedlora.privacy.accounting import noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import DPConfig, make_private
 

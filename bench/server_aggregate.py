@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from fedlora.config import LoraSettings
-from fedlora.models import adapter_state_shapes, build_model, default_model_path
+from fedlora.models.adapter import adapter_state_shapes
+from fedlora.models.loading import build_model, default_model_path
 from fedlora.records import is_lora_a
 from fedlora.strategies.exact_lora import aggregate_exact
 from fedlora.strategies.ffa_lora import aggregate_ffa

@@ -48,6 +48,20 @@ def _stable(obj: Any, drop: tuple[str, ...] = ()) -> Any:
     return obj
 
 
+def _canonical(path: Path, workdir: Path) -> bytes:
+    """A file's bytes with the (temporary) work folder named ``<work>``; JSON
+    files with sorted keys and PEFT's module *sets* sorted (PEFT writes them
+    in the process's string-hash order, which changes from run to run)."""
+    data = path.read_bytes().replace(str(workdir).encode(), b"<work>")
+    if path.suffix != ".json":
+        return data
+    obj = json.loads(data)
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), list):
+            obj[key] = sorted(obj[key])
+    return json.dumps(obj, sort_keys=True).encode()
+
+
 def run_case(name: str, workdir: Path) -> dict[str, Any]:
     """Run one case; its stable metrics and its exported adapter's file hashes."""
     from fedlora.simulations.engine import Resources, simulate
@@ -67,11 +81,8 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
     if status.get("status") != "completed":
         raise RuntimeError(f"regression case {name} did not complete: {status}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # Files that name the model folder hash with the (temporary) folder as <work>.
     adapter = {
-        str(p.relative_to(run_dir)): hashlib.sha256(
-            p.read_bytes().replace(str(workdir).encode(), b"<work>")
-        ).hexdigest()
+        str(p.relative_to(run_dir)): hashlib.sha256(_canonical(p, workdir)).hexdigest()
         for p in sorted((run_dir / "adapter").rglob("*"))
         if p.is_file()
     }

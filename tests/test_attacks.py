@@ -13,7 +13,8 @@ from fedlora.config import LoraSettings, RunConfig
 from fedlora.data.labels import LabelSpace
 from fedlora.data.sources import TextDataset
 from fedlora.errors import ConfigError
-from fedlora.models import adapter_state, build_model, set_lora_a_trainable, trainable_state
+from fedlora.models.adapter import adapter_state, set_lora_a_trainable, trainable_state
+from fedlora.models.loading import build_model
 from fedlora.simulations.attacks import flip_labels, malicious_partitions, poison_update
 
 

@@ -13,22 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.client.centering import clip_rows, combine, feature_statistics, sum_clip
+from fedlora.client.centering import feature_statistics
 from fedlora.client.private import NodePrivacy, center_release, label_release, round_noise
-from fedlora.client.train import collate, encode
 from fedlora.config import LoraSettings, RunConfig
 from fedlora.data.sources import load_table
 from fedlora.errors import ConfigError, ModelError
-from fedlora.models import (
-    CENTER_FILE,
-    adapter_state,
-    build_model,
-    export_adapter,
-    load_exported,
-    load_tokenizer,
-    pooled_features,
-    set_feature_center,
-)
+from fedlora.models.adapter import CENTER_FILE, adapter_state, export_adapter, load_exported
+from fedlora.models.batches import collate, encode
+from fedlora.models.centering import clip_rows, combine, sum_clip
+from fedlora.models.loading import build_model, load_tokenizer
+from fedlora.models.pooling import pooled_features, set_feature_center
 from fedlora.privacy.accounting import epsilon, steps_per_round
 from fedlora.privacy.dpsgd import ReproducibleNoiseWarning
 from fedlora.privacy.ledger import PrivacyLedger

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.errors import ConfigError, PrivacyError
-from fedlora.models import install_pooling, set_lora_a_trainable
+from fedlora.models.adapter import set_lora_a_trainable
+from fedlora.models.pooling import install_pooling
 from fedlora.privacy.accounting import epsilon, steps_per_round
 from fedlora.privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
@@ -305,7 +306,8 @@ def test_an_empty_poisson_batch_still_releases_noise(mode: str) -> None:
 def test_the_training_loop_takes_the_noise_step_of_an_empty_batch() -> None:
     """fedlora's own loop (train_epochs) on an empty Poisson batch: no
     forward pass, but the step is taken, so the adapter moves by noise."""
-    from fedlora.client.train import collate, train_epochs
+    from fedlora.client.train import train_epochs
+    from fedlora.models.batches import collate
 
     private = wrap(tiny_lora_model(), 64, 16, DPConfig(noise_multiplier=1.0), 1.0)
     before = [p.detach().clone() for p in private.optimizer.params]

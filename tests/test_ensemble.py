@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.client.train import encode, evaluate, predict_proba
 from fedlora.config import LoraSettings
 from fedlora.data.sources import load_table
-from fedlora.models import adapter_state, build_model, load_adapter_state, load_tokenizer
+from fedlora.models.adapter import adapter_state, load_adapter_state
+from fedlora.models.batches import encode
+from fedlora.models.inference import evaluate, predict_proba
+from fedlora.models.loading import build_model, load_tokenizer
 from fedlora.server.ensemble import EnsembleEvaluator
 
 

@@ -57,7 +57,8 @@ def test_a_non_finite_state_is_never_checkpointed_or_exported(
     tmp_path: Path, text_csv: Path, tiny_model_dir: Path
 ) -> None:
     from fedlora.config import LoraSettings
-    from fedlora.models import adapter_state, build_model, export_adapter
+    from fedlora.models.adapter import adapter_state, export_adapter
+    from fedlora.models.loading import build_model
 
     cfg = _cfg(tmp_path, text_csv, tiny_model_dir)
     with pytest.raises(ValueError, match="not finite"):

@@ -15,7 +15,8 @@ from conftest import make_text_csv
 
 from fedlora.compression import CompressionScheme, encode
 from fedlora.config import LoraSettings, RunConfig
-from fedlora.models import adapter_state, build_model
+from fedlora.models.adapter import adapter_state
+from fedlora.models.loading import build_model
 from fedlora.records import payload_bytes
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
@@ -37,7 +38,7 @@ def _recorder(out_dir: Path) -> Callable[..., Any]:
     def mod(msg: Any, context: Any, call_next: Any) -> Any:
         reply = call_next(msg, context)
         if msg.metadata.message_type == "train" and not reply.has_error():
-            from fedlora.models import _MODEL_CACHE
+            from fedlora.models.loading import _MODEL_CACHE
 
             (model,) = _MODEL_CACHE.values()  # the model this worker just trained
             held = {k: v for k, v in adapter_state(model).items() if ".lora_A." in k}

@@ -11,17 +11,9 @@ import torch
 
 from fedlora.config import LoraSettings
 from fedlora.errors import ModelError
-from fedlora.models import (
-    MaskedMeanPooler,
-    adapter_state,
-    build_model,
-    export_adapter,
-    install_pooling,
-    load_adapter_state,
-    load_exported,
-    resolve_model_path,
-    resolve_pooling,
-)
+from fedlora.models.adapter import adapter_state, export_adapter, load_adapter_state, load_exported
+from fedlora.models.loading import build_model, resolve_model_path
+from fedlora.models.pooling import MaskedMeanPooler, install_pooling, resolve_pooling
 
 LORA = LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
 
@@ -322,3 +314,40 @@ def test_train_epochs_adds_the_log_prior_to_the_training_loss_only(tiny_model_di
             torch.testing.assert_close(p.detach(), q.detach() - 0.5 * q.grad, atol=1e-6, rtol=1e-5)
             moved += int(q.grad.abs().max() > 0)
     assert moved > 0
+
+
+def test_the_task_seam_names_its_one_task_and_refuses_others() -> None:
+    from fedlora.errors import ConfigError
+    from fedlora.models.task import SEQUENCE_CLASSIFICATION, get_task
+
+    assert get_task() is SEQUENCE_CLASSIFICATION
+    assert get_task("classification").name == "classification"
+    with pytest.raises(ConfigError, match="task 'causal-lm' is not known; known tasks: classif"):
+        get_task("causal-lm")
+
+
+def test_classification_loss_adds_the_prior_to_the_objective_only() -> None:
+    # Logits [[2, 0], [0, 1]], labels [0, 0], prior [0, 3]: the objective is the
+    # cross-entropy of [[2, 3], [0, 4]] = mean(log(1+e^1), log(1+e^4)); the
+    # correct count reads the plain logits (row 0 right, row 1 wrong) = 1.
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedlora.models.task import classification_loss
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+
+    def model(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=logits)
+
+    batch = {
+        "input_ids": torch.zeros((2, 1), dtype=torch.long),
+        "attention_mask": torch.ones((2, 1), dtype=torch.long),
+        "labels": torch.tensor([0, 0]),
+    }
+    loss, correct = classification_loss(model, batch, torch.tensor([0.0, 3.0]))
+    expected = (math.log(1 + math.e**1) + math.log(1 + math.e**4)) / 2
+    assert abs(float(loss) - expected) < 1e-6
+    assert correct == 1

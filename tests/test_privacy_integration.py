@@ -13,7 +13,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fedlora.client import app as client_app
 from fedlora.config import LoraSettings
-from fedlora.models import adapter_state, build_model
+from fedlora.models.adapter import adapter_state
+from fedlora.models.loading import build_model
 from fedlora.privacy.accounting import epsilon
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.simulations.engine import Resources, simulate

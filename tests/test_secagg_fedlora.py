@@ -65,7 +65,8 @@ def test_ffa_lora_over_secagg_keeps_a_bit_for_bit(
     server also pins it, should quantisation ever turn a zero into a
     rounding error), and B must still move by the secure mean."""
     from fedlora.config import RunConfig
-    from fedlora.models import adapter_state, build_model
+    from fedlora.models.adapter import adapter_state
+    from fedlora.models.loading import build_model
 
     cfg = _cfg(tiny_model_dir, text_csv, tmp_path / "ffa", secagg=True, strategy="ffa-lora")
     init = adapter_state(

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedlora.config import LoraSettings
-from fedlora.models import adapter_state, build_model, load_adapter_state
+from fedlora.models.adapter import adapter_state, load_adapter_state
+from fedlora.models.loading import build_model
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
 

@@ -48,21 +48,18 @@ from fedlora.client.private import (
     require_site_dp,
 )
 from fedlora.client.secagg import fedlora_secagg_train, is_secagg_fit, secagg_mod
-from fedlora.client.train import EncodedDataset, encode, evaluate, local_train, round_generator
+from fedlora.client.train import local_train, round_generator
 from fedlora.client.upload import build_upload
 from fedlora.config import RunConfig
 from fedlora.data.labels import LabelSpace
 from fedlora.data.partition import client_partition, simulation_split
 from fedlora.data.sources import TextDataset, load_table
 from fedlora.errors import ConfigError, FedloraError, PrivacyBudgetExceeded, PrivacyError
-from fedlora.models import (
-    cached_model,
-    load_adapter_state,
-    load_tokenizer,
-    set_feature_center,
-    set_lora_a_trainable,
-    trainable_state,
-)
+from fedlora.models.adapter import load_adapter_state, set_lora_a_trainable, trainable_state
+from fedlora.models.batches import EncodedDataset
+from fedlora.models.loading import cached_model, load_tokenizer
+from fedlora.models.pooling import set_feature_center
+from fedlora.models.task import get_task
 from fedlora.privacy.central import client_clipping_mod
 from fedlora.protocol import (
     ARRAYS_KEY,
@@ -184,9 +181,9 @@ def local_dataset(cfg: RunConfig, context: Context) -> tuple[TextDataset, int]:
 
 
 @lru_cache(maxsize=8)
-def _encoded(model_path: str, max_len: int, texts: TextDataset) -> EncodedDataset:
+def _encoded(task: str, model_path: str, max_len: int, texts: TextDataset) -> EncodedDataset:
     """Tokenised once per worker; ``texts`` (rows and label ids) is the cache key."""
-    return encode(load_tokenizer(model_path or None), texts, max_len)
+    return get_task(task).encode(load_tokenizer(model_path or None), texts, max_len)
 
 
 def prepare(
@@ -210,9 +207,10 @@ def prepare(
     flipped = poison_data and node.attack == "label-flip"
     if flipped:
         data = flip_labels(data)
-    encoded = _encoded(cfg.model_path, cfg.train.max_seq_length, data)
+    task = get_task()
+    encoded = _encoded(task.name, cfg.model_path, cfg.train.max_seq_length, data)
     lora = dataclasses.replace(cfg.lora, rank=node.rank)
-    model = cached_model(cfg.model_path or None, len(data.labels), lora, cfg.seed)
+    model = cached_model(cfg.model_path or None, len(data.labels), lora, cfg.seed, task.build_model)
     # Every use sets it: the cached model may have served another mode before.
     set_lora_a_trainable(model, node.trains_a)
     state = arrays_to_state(msg.content.array_records[ARRAYS_KEY])
@@ -418,7 +416,7 @@ def evaluate_handler(
                 "evaluates the global adapter on its own held-out split)"
             )
         _cfg, model, encoded, _site = prepare(msg, context, overrides)
-        loss, accuracy, n = evaluate(model, encoded)
+        loss, accuracy, n = get_task().evaluate(model, encoded)
     except Exception as exc:  # every failure is a reply; see failure_reply
         return failure_reply(msg, exc, "evaluation")
     metrics = MetricRecord({METRIC_NUM_EXAMPLES: n, METRIC_LOSS: loss, METRIC_ACCURACY: accuracy})

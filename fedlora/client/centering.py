@@ -31,9 +31,10 @@ import math
 import numpy as np
 import torch
 
-from fedlora.client.train import EncodedDataset, eval_batches, to_device
 from fedlora.config import RunConfig
-from fedlora.models import pooled_features
+from fedlora.models.batches import EncodedDataset, eval_batches, to_device
+from fedlora.models.centering import clip_rows, sum_clip
+from fedlora.models.pooling import pooled_features
 from fedlora.privacy.dpsgd import round_generators
 from fedlora.privacy.ledger import PrivacyLedger
 
@@ -41,17 +42,6 @@ from fedlora.privacy.ledger import PrivacyLedger
 # Train/evaluate ConfigRecord (server -> node): the centre, a list of floats.
 # The ledger's round number for the release (it precedes round 1).
 STATS_ROUND = 0
-
-
-def clip_rows(features: torch.Tensor, clip: float) -> torch.Tensor:
-    """Scale every row with L2 norm above ``clip`` down to ``clip``."""
-    norms = features.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return features * (clip / norms).clamp(max=1.0)
-
-
-def sum_clip(cfg: RunConfig) -> float:
-    """``R``: the per-example clip of the summed vector (grows with the pooled layers)."""
-    return cfg.lora.feature_center_clip * math.sqrt(cfg.lora.pooling_layers)
 
 
 def feature_statistics(
@@ -82,13 +72,3 @@ def feature_statistics(
     std = sigma * math.sqrt(2.0) * clip
     released = released + std * torch.randn(released.shape, generator=noise_rng, dtype=torch.double)
     return released[:-1].numpy(), float(released[-1]) / clip
-
-
-def combine(sums: list[np.ndarray], counts: list[float]) -> np.ndarray:
-    """The federation's centre from the nodes' (possibly noisy) sums and counts.
-
-    The count is floored at 1 so a tiny, heavily noised federation still gets
-    a finite centre (a poor one, which the accuracy shows).
-    """
-    total = np.sum(np.stack(sums), axis=0)
-    return (total / max(float(sum(counts)), 1.0)).astype(np.float32)

@@ -29,16 +29,10 @@ from typing import Any
 import torch
 from flwr.app import Context
 
-from fedlora.client.train import (
-    EncodedDataset,
-    TrainResult,
-    label_log_prior,
-    make_loader,
-    make_optimizer,
-    train_epochs,
-)
+from fedlora.client.train import TrainResult, label_log_prior, make_optimizer, train_epochs
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, PrivacyError
+from fedlora.models.batches import EncodedDataset, make_loader
 from fedlora.privacy.accounting import HistoryEntry, noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import DPConfig, make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger

@@ -10,85 +10,18 @@ round reproduces on its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from fedlora.config import TrainSettings
-from fedlora.data.sources import TextDataset
 from fedlora.errors import DataError
+from fedlora.models.batches import EncodedDataset, make_loader, to_device
+from fedlora.models.task import SEQUENCE_CLASSIFICATION, Task
 from fedlora.privacy.dpsgd import empty_batch_step
-
-
-class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
-    """Token ids (unpadded) and labels; batches are padded by :func:`collate`."""
-
-    def __init__(self, input_ids: list[list[int]], labels: Sequence[int], pad_id: int):
-        self.input_ids = input_ids
-        self.labels = list(labels)
-        self.pad_id = pad_id
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": torch.tensor(self.input_ids[i], dtype=torch.long),
-            "labels": torch.tensor(self.labels[i], dtype=torch.long),
-        }
-
-
-def encode(tokenizer: Any, data: TextDataset, max_seq_length: int) -> EncodedDataset:
-    """Tokenise once; padding happens per batch so short texts stay cheap."""
-    if len(data) == 0:
-        raise DataError(f"{data.source} has no examples to train or evaluate on")
-    ids = tokenizer(list(data.texts), truncation=True, max_length=max_seq_length, padding=False)[
-        "input_ids"
-    ]
-    return EncodedDataset(ids, data.label_ids, int(tokenizer.pad_token_id or 0))
-
-
-def collate(batch: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest sequence and build the attention mask."""
-    if not batch:  # Poisson sampling (DP) can draw an empty batch
-        return {
-            "input_ids": torch.zeros((0, 1), dtype=torch.long),
-            "attention_mask": torch.zeros((0, 1), dtype=torch.long),
-            "labels": torch.zeros((0,), dtype=torch.long),
-        }
-    length = max(int(b["input_ids"].numel()) for b in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, item in enumerate(batch):
-        n = int(item["input_ids"].numel())
-        ids[row, :n] = item["input_ids"]
-        mask[row, :n] = 1
-    labels = torch.stack([b["labels"] for b in batch])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def make_loader(
-    dataset: EncodedDataset, batch_size: int, shuffle: bool, generator: torch.Generator | None
-) -> DataLoader[Any]:
-    """A loader whose shuffle order is fixed by ``generator``."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=lambda b: collate(b, dataset.pad_id),
-    )
-
-
-def to_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Put a batch where the model's weights are (a GPU share, or the CPU)."""
-    device = next(model.parameters()).device
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def round_generator(seed: int, server_round: int, site: int) -> torch.Generator:
@@ -160,12 +93,15 @@ def train_epochs(
     epochs: int,
     generator: torch.Generator | None = None,
     log_prior: torch.Tensor | None = None,
+    task: Task = SEQUENCE_CLASSIFICATION,
 ) -> TrainResult:
     """Run ``epochs`` passes; returns mean loss and accuracy over seen examples.
 
+    The objective is the ``task``'s (:mod:`fedlora.models.task`).
     ``log_prior`` (from :func:`label_log_prior`) is added to the logits of
     the training loss only; accuracy is reported on the plain logits.
     """
+    loss_fn = task.loss
     model.train()
     start = time.perf_counter()
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
@@ -184,15 +120,13 @@ def train_epochs(
                     empty_batch_step(optimizer)
                     steps += 1
                     continue
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                logits = out.logits if log_prior is None else out.logits + log_prior
-                loss = torch.nn.functional.cross_entropy(logits, labels)
+                loss, right = loss_fn(model, batch, log_prior)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 steps += 1
                 loss_sum += float(loss.detach()) * labels.numel()
-                correct += int((out.logits.argmax(-1) == labels).sum())
+                correct += right
                 seen += int(labels.numel())
     return TrainResult(
         loss=loss_sum / max(seen, 1),
@@ -244,49 +178,3 @@ def local_train(
     result = train_epochs(model, loader, optimizer, settings.local_epochs, generator, log_prior)
     # Report the number of local examples (FedAvg's weight), not examples x epochs.
     return TrainResult(result.loss, result.accuracy, len(dataset), result.steps, result.seconds)
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 64
-) -> tuple[float, float, int]:
-    """(mean loss, accuracy, examples) of ``model`` on ``dataset``."""
-    model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for _idx, batch in eval_batches(dataset, batch_size):
-        batch = to_device(batch, model)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        labels = batch["labels"]
-        loss_sum += float(torch.nn.functional.cross_entropy(out.logits, labels, reduction="sum"))
-        correct += int((out.logits.argmax(-1) == labels).sum())
-        seen += int(labels.numel())
-    return loss_sum / max(seen, 1), correct / max(seen, 1), seen
-
-
-def eval_batches(
-    dataset: EncodedDataset, batch_size: int
-) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """(row indices, padded batch), sorted by length so evaluation pads little."""
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield idx, collate([dataset[i] for i in idx], dataset.pad_id)
-
-
-@torch.no_grad()
-def predict_proba(
-    model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 64
-) -> torch.Tensor:
-    """Class probabilities for every example, in dataset order."""
-    model.eval()
-    out = torch.empty(0)
-    for idx, batch in eval_batches(dataset, batch_size):
-        batch = to_device(batch, model)
-        probs = torch.softmax(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-            dim=-1,
-        )
-        if out.numel() == 0:
-            out = torch.zeros((len(dataset), probs.shape[-1]))
-        out[torch.tensor(idx)] = probs.cpu()
-    return out

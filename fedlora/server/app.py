@@ -31,20 +31,13 @@ import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.client.train import encode, evaluate
 from fedlora.config import RunConfig
 from fedlora.data.partition import simulation_split
 from fedlora.io import atomic_write_bytes, atomic_write_json
-from fedlora.models import (
-    adapter_state,
-    build_model,
-    export_adapter,
-    load_adapter_state,
-    load_tokenizer,
-    resolve_model_path,
-    resolve_pooling,
-    set_feature_center,
-)
+from fedlora.models.adapter import adapter_state, load_adapter_state
+from fedlora.models.loading import load_tokenizer, resolve_model_path
+from fedlora.models.pooling import resolve_pooling, set_feature_center
+from fedlora.models.task import get_task
 from fedlora.privacy.central import central_epsilon, wrap_central
 from fedlora.privacy.dpsgd import recipe_advice
 from fedlora.protocol import (
@@ -119,11 +112,13 @@ class GlobalEvaluator:
     def __init__(self, cfg: RunConfig, model: Any):
         _pool, test = simulation_split(cfg.data, cfg.seed)
         self.model = model
-        self.test = encode(load_tokenizer(cfg.model_path or None), test, cfg.train.max_seq_length)
+        self.task = get_task()
+        tokenizer = load_tokenizer(cfg.model_path or None)
+        self.test = self.task.encode(tokenizer, test, cfg.train.max_seq_length)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         load_adapter_state(self.model, arrays_to_state(arrays))
-        loss, acc, _n = evaluate(self.model, self.test)
+        loss, acc, _n = self.task.evaluate(self.model, self.test)
         return {METRIC_LOSS: loss, METRIC_ACCURACY: acc}
 
 
@@ -139,7 +134,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
     try:
         _pool, test = simulation_split(cfg.data, cfg.seed)
         labels = list(test.labels.names)
-        model = build_model(cfg.model_path or None, len(labels), cfg.lora, cfg.seed)
+        model = get_task().build_model(cfg.model_path or None, len(labels), cfg.lora, cfg.seed)
         arrays = state_to_arrays(adapter_state(model))
         strategy = build_strategy(
             cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate, cfg.train.compression
@@ -245,7 +240,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
             "differential_privacy": _dp_metadata(cfg, history, strategy),
             "status": status,
         }
-        export_adapter(model, arrays_to_state(final), run_dir / ADAPTER_DIR, labels, metadata)
+        get_task().export(model, arrays_to_state(final), run_dir / ADAPTER_DIR, labels, metadata)
         write_status(run_dir, status, reason, rounds_completed=metadata["rounds_completed"])
         return status
     except KeyboardInterrupt:

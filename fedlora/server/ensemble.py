@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlora.client.train import EncodedDataset, predict_proba
-from fedlora.models import load_adapter_state
+from fedlora.models.adapter import load_adapter_state
+from fedlora.models.batches import EncodedDataset
+from fedlora.models.inference import predict_proba
 
 
 class EnsembleEvaluator:

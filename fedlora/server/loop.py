@@ -33,8 +33,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.client.centering import combine, sum_clip
 from fedlora.config import RunConfig
+from fedlora.models.centering import combine, sum_clip
 from fedlora.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,

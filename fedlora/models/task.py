@@ -1,0 +1,90 @@
+"""The task seam: what a fine-tuning task needs, with sequence classification as the one task.
+
+The node trains, the server evaluates and exports, through a :class:`Task`;
+neither branches on what kind of model it holds. A second task (a causal
+language model tuned on instructions) is a new module that builds its own
+:class:`Task` and adds it to :data:`TASKS`, not a set of ``if`` branches
+across the client and the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedlora.errors import ConfigError
+from fedlora.models.adapter import export_adapter
+from fedlora.models.batches import encode
+from fedlora.models.inference import evaluate
+from fedlora.models.loading import build_model
+
+#: ``(model, padded batch, log prior or None) -> (mean loss, correct predictions)``
+LossFn = Callable[[Any, dict[str, torch.Tensor], torch.Tensor | None], tuple[torch.Tensor, int]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the node and the server need to know about a task.
+
+    Attributes
+    ----------
+    name
+        The task's name.
+    build_model
+        ``(model_path, num_labels, lora, seed, device) -> model``: the frozen
+        base with its LoRA adapter attached (device first, PEFT second).
+    encode
+        ``(tokenizer, examples, max_seq_length) -> EncodedDataset``.
+    loss
+        :data:`LossFn`: one batch's training objective and its correct count.
+    evaluate
+        ``(model, dataset) -> (mean loss, accuracy, examples)``.
+    export
+        ``(model, state, out_dir, labels, metadata) -> Path``: a PEFT adapter
+        folder that reloads with ``PeftModel.from_pretrained``.
+    """
+
+    name: str
+    build_model: Callable[..., Any]
+    encode: Callable[..., Any]
+    loss: LossFn
+    evaluate: Callable[..., tuple[float, float, int]]
+    export: Callable[..., Any]
+
+
+def classification_loss(
+    model: Any, batch: dict[str, torch.Tensor], log_prior: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of the head's logits (plus ``log_prior``, logit adjustment).
+
+    Correct predictions are counted on the plain logits: the prior shapes the
+    training objective only.
+    """
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits if log_prior is None else out.logits + log_prior
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    return loss, int((out.logits.argmax(-1) == labels).sum())
+
+
+SEQUENCE_CLASSIFICATION = Task(
+    name="classification",
+    build_model=build_model,
+    encode=encode,
+    loss=classification_loss,
+    evaluate=evaluate,
+    export=export_adapter,
+)
+
+#: Tasks by name.
+TASKS: dict[str, Task] = {SEQUENCE_CLASSIFICATION.name: SEQUENCE_CLASSIFICATION}
+
+
+def get_task(name: str = "classification") -> Task:
+    """The task called ``name``; a clear error for an unknown one."""
+    if name not in TASKS:
+        raise ConfigError(f"task {name!r} is not known; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
