@@ -15,7 +15,12 @@ from fedlora.data.sources import TextDataset
 from fedlora.errors import ConfigError
 from fedlora.models.adapter import adapter_state, set_lora_a_trainable, trainable_state
 from fedlora.models.loading import build_model
-from fedlora.simulations.attacks import flip_labels, malicious_partitions, poison_update
+from fedlora.simulations.attacks import (
+    flip_labels,
+    malicious_partitions,
+    partition_attack,
+    poison_update,
+)
 
 
 def _context(node_config: dict, **run: object) -> tuple[RunConfig, Context]:
@@ -53,9 +58,9 @@ def test_label_flip_moves_every_label() -> None:
 def test_only_simulated_partitions_attack() -> None:
     run = {"sim-malicious-fraction": 1.0, "sim-attack": "label-flip"}
     cfg, ctx = _context({"partition-id": 0, "num-partitions": 2}, **run)
-    assert node_mode(cfg, ctx).attack == "label-flip"
+    assert partition_attack(cfg, ctx) == "label-flip"
     cfg, ctx = _context({"data-path": "/data/x.csv", "partition-id": 0, "num-partitions": 2}, **run)
-    assert node_mode(cfg, ctx).attack is None
+    assert partition_attack(cfg, ctx) is None
 
 
 def test_node_rank_comes_from_the_node_then_the_simulation_then_the_run() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedlora import protocol
 from fedlora.client.centering import feature_statistics
 from fedlora.client.private import NodePrivacy, center_release, label_release, round_noise
 from fedlora.config import LoraSettings, RunConfig
@@ -346,7 +347,7 @@ def test_statistics_query_refuses_before_reading_data(
     if case == "centering off":
         assert "feature-centering is false" in reply.error.reason
     else:
-        assert reply.error.code == client_app.ERROR_CODE_BUDGET
+        assert reply.error.code == protocol.ERROR_CODE_BUDGET
         assert "privacy budget exhausted" in reply.error.reason
         cfg = client_app.run_config_of(context, flat)
         ledger = PrivacyLedger.open(

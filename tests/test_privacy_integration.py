@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fedlora import protocol
 from fedlora.client import app as client_app
 from fedlora.config import LoraSettings
 from fedlora.models.adapter import adapter_state
@@ -193,7 +194,7 @@ def test_refusal_happens_before_the_data_is_read(
     )
     reply = client_app.train(msg, context, flat)
     assert reply.has_error()
-    assert reply.error.code == client_app.ERROR_CODE_BUDGET
+    assert reply.error.code == protocol.ERROR_CODE_BUDGET
     assert "privacy budget exhausted" in reply.error.reason
     assert (
         len(

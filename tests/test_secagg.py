@@ -287,6 +287,8 @@ def test_fedlora_training_runs_inside_the_protocol(tiny_model_dir: Path, text_cs
         "max-train-examples": 32,
         "seed": 5,
     }
+    from fedlora.client.app import train as handler
+
     model = build_model(tiny_model_dir, 3, LoraSettings(rank=2, alpha=4, dropout=0.0), seed=5)
     initial = adapter_state(model)
     config = {
@@ -296,7 +298,7 @@ def test_fedlora_training_runs_inside_the_protocol(tiny_model_dir: Path, text_cs
         "server-round": 1,
     }
     context = Context(1, 7, {"data-path": str(text_csv)}, RecordDict(), run_config)
-    reply = client_secagg.fedlora_secagg_train(_fit_message(initial, config), context)
+    reply = client_secagg.fedlora_secagg_train(_fit_message(initial, config), context, handler)
     assert not reply.has_error(), reply.error.reason
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
     deltas = parameters_to_ndarrays(fitres.parameters)
@@ -307,5 +309,5 @@ def test_fedlora_training_runs_inside_the_protocol(tiny_model_dir: Path, text_cs
     assert {"loss", "accuracy"} <= set(fitres.metrics)
     # A broken site file comes back as fedlora's own error reply, not a crash.
     bad = Context(1, 7, {"data-path": str(text_csv) + ".missing"}, RecordDict(), run_config)
-    reply = client_secagg.fedlora_secagg_train(_fit_message(initial, config), bad)
+    reply = client_secagg.fedlora_secagg_train(_fit_message(initial, config), bad, handler)
     assert reply.has_error() and "does not exist" in reply.error.reason

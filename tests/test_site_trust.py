@@ -11,6 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from fedlora import protocol
 from fedlora.client import app as client_app
 from fedlora.client.private import open_ledger, precheck
 from fedlora.client.secagg import check_setup
@@ -106,7 +107,7 @@ def test_a_capped_node_refuses_work_without_local_dp(
     context = _site(text_csv, tmp_path / "ledgers")
     reply = client_app.train(_train_msg(tiny_model_dir), context, flat)
     assert reply.has_error()
-    assert reply.error.code == client_app.ERROR_CODE_PRIVACY
+    assert reply.error.code == protocol.ERROR_CODE_PRIVACY
     assert "privacy-epsilon-cap" in reply.error.reason
     evaluate = Message(
         content=_train_msg(tiny_model_dir).content, dst_node_id=7, message_type="evaluate"
@@ -170,7 +171,7 @@ def test_an_unwritable_ledger_folder_replies_without_a_traceback(
     context = _site(text_csv, blocker / "ledgers")
     reply = client_app.train(_train_msg(tiny_model_dir), context, flat)
     assert reply.has_error()
-    assert reply.error.code == client_app.ERROR_CODE_PRIVACY
+    assert reply.error.code == protocol.ERROR_CODE_PRIVACY
     assert "Traceback" not in reply.error.reason
     assert "cannot be used" in reply.error.reason
 

@@ -30,7 +30,6 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MetricRecord,
     RecordDict,
@@ -38,7 +37,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedlora.client.centering import feature_statistics
-from fedlora.client.modes import NodeMode, node_mode
+from fedlora.client.modes import NodeMode, Tamper, node_mode
 from fedlora.client.private import (
     center_release,
     open_ledger,
@@ -47,6 +46,7 @@ from fedlora.client.private import (
     public_examples,
     require_site_dp,
 )
+from fedlora.client.replies import error_reply, failure_reply
 from fedlora.client.secagg import fedlora_secagg_train, is_secagg_fit, secagg_mod
 from fedlora.client.train import local_train, round_generator
 from fedlora.client.upload import build_upload
@@ -54,7 +54,7 @@ from fedlora.config import RunConfig
 from fedlora.data.labels import LabelSpace
 from fedlora.data.partition import client_partition, simulation_split
 from fedlora.data.sources import TextDataset, load_table
-from fedlora.errors import ConfigError, FedloraError, PrivacyBudgetExceeded, PrivacyError
+from fedlora.errors import ConfigError, FedloraError, PrivacyError
 from fedlora.models.adapter import load_adapter_state, set_lora_a_trainable, trainable_state
 from fedlora.models.batches import EncodedDataset
 from fedlora.models.loading import cached_model, load_tokenizer
@@ -64,10 +64,6 @@ from fedlora.privacy.central import client_clipping_mod
 from fedlora.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    ERROR_CODE_BUDGET,
-    ERROR_CODE_INTERNAL,
-    ERROR_CODE_PRIVACY,
-    ERROR_CODE_USER,
     KEY_FEATURE_CENTER,
     KEY_FEATURE_COUNT,
     KEY_FEATURE_SUM,
@@ -94,45 +90,12 @@ from fedlora.protocol import (
     STATS_RECORD,
 )
 from fedlora.records import arrays_to_state, payload_bytes
-from fedlora.simulations.attacks import flip_labels, poison_update
 
 log = logging.getLogger("fedlora.client")
 
 
 # Node-config keys (set by the node's operator with `flower-supernode --node-config`).
 # Error codes in error replies, so the server can tell kinds of failure apart.
-
-
-def error_reply(msg: Message, exc: BaseException, code: int | None = None) -> Message:
-    """An error reply carrying the actionable message to the server."""
-    if code is None:
-        code = (
-            ERROR_CODE_BUDGET
-            if isinstance(exc, PrivacyBudgetExceeded)
-            else ERROR_CODE_PRIVACY
-            if isinstance(exc, PrivacyError)
-            else ERROR_CODE_USER
-        )
-    return Message(error=Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-
-
-def failure_reply(msg: Message, exc: Exception, what: str) -> Message:
-    """The reply for any failure of a handler.
-
-    A :class:`FedloraError` carries a sentence written for people (what, value,
-    fix). Anything else (an ``OSError`` from a disk, a bug) is logged here
-    with its traceback, and the server is told only its type: a raw message
-    or traceback can carry the site's paths and data.
-    """
-    if isinstance(exc, FedloraError):
-        log.error("%s failed: %s", what, exc)
-        return error_reply(msg, exc)
-    log.exception("%s failed with an unexpected error", what)
-    reason = (
-        f"{type(exc).__name__}: internal error at the node during {what}; "
-        "the node's log has the details"
-    )
-    return Message(error=Error(code=ERROR_CODE_INTERNAL, reason=reason), reply_to=msg)
 
 
 @lru_cache(maxsize=4)
@@ -191,7 +154,7 @@ def prepare(
     context: Context,
     overrides: dict[str, Any] | None = None,
     node: NodeMode | None = None,
-    poison_data: bool = False,
+    tamper: Tamper | None = None,
 ) -> tuple[RunConfig, Any, EncodedDataset, int]:
     """Validate config, load data and model, and install the global adapter.
 
@@ -204,9 +167,8 @@ def prepare(
     data, site = local_dataset(cfg, context)
     if cfg.train.max_train_examples and len(data) > cfg.train.max_train_examples:
         data = data.subset(range(cfg.train.max_train_examples))
-    flipped = poison_data and node.attack == "label-flip"
-    if flipped:
-        data = flip_labels(data)
+    if tamper is not None:  # simulations only (fedlora.simulations.attacks)
+        data = tamper.data(cfg, context, data)
     task = get_task()
     encoded = _encoded(task.name, cfg.model_path, cfg.train.max_seq_length, data)
     lora = dataclasses.replace(cfg.lora, rank=node.rank)
@@ -237,12 +199,15 @@ def message_center(msg: Message, cfg: RunConfig) -> np.ndarray | None:
 
 
 def build_client_app(
-    overrides: dict[str, Any] | None = None, mods: list[Any] | None = None
+    overrides: dict[str, Any] | None = None,
+    mods: list[Any] | None = None,
+    tamper: Tamper | None = None,
 ) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` plus ``overrides``.
 
-    ``fedlora simulate`` passes its overrides here; ``flwr run`` uses the
-    module-level ``app`` with the run config Flower delivers.
+    ``fedlora simulate`` passes its overrides here, and the simulated
+    attacks as ``tamper``; ``flwr run`` and a site's node use the
+    module-level ``app`` with the run config Flower delivers, and no tamper.
     """
     extra = dict(overrides or {})
     # Client-side clipping for central DP is a mod on every node; it is a
@@ -254,8 +219,8 @@ def build_client_app(
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
         if is_secagg_fit(msg):
-            return fedlora_secagg_train(msg, context, extra)
-        return train(msg, context, extra)
+            return fedlora_secagg_train(msg, context, lambda m, c: train(m, c, extra, tamper))
+        return train(msg, context, extra, tamper)
 
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
@@ -274,7 +239,7 @@ def site_key(context: Context) -> str:
     if NODE_SITE_NAME in node:
         return str(node[NODE_SITE_NAME])
     if NODE_PARTITION_ID in node:
-        return f"partition-{int(node['partition-id']):06d}"
+        return f"partition-{int(node[NODE_PARTITION_ID]):06d}"
     return f"node-{context.node_id}"
 
 
@@ -333,7 +298,12 @@ def statistics_reply(
     return Message(content=content, reply_to=msg)
 
 
-def train(msg: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
+def train(
+    msg: Message,
+    context: Context,
+    overrides: dict[str, Any] | None = None,
+    tamper: Tamper | None = None,
+) -> Message:
     """Fine-tune the global adapter on local data; send back only the adapter."""
     privacy: dict[str, float] = {}
     try:
@@ -345,7 +315,7 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
             ledger, limits = open_ledger(cfg, context)
             precheck(ledger, limits)
         node = node_mode(cfg, context)
-        cfg, model, encoded, site = prepare(msg, context, overrides, node, poison_data=True)
+        cfg, model, encoded, site = prepare(msg, context, overrides, node, tamper)
         received = arrays_to_state(msg.content.array_records[ARRAYS_KEY])
         generator = round_generator(cfg.seed, server_round, site)
         if cfg.privacy.dp_mode == "local":
@@ -355,10 +325,8 @@ def train(msg: Message, context: Context, overrides: dict[str, Any] | None = Non
         else:
             result = local_train(model, encoded, cfg.train, generator)
         trained = trainable_state(model)
-        if node.attack in ("sign-flip", "scaled-noise"):
-            trained = poison_update(
-                received, trained, node.attack, cfg.sim_attack_scale, cfg.seed, server_round, site
-            )
+        if tamper is not None:  # simulations only (fedlora.simulations.attacks)
+            trained = tamper.update(cfg, context, server_round, site, received, trained)
         server_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         record = build_upload(trained, received, cfg.train, server_config, context.state)
         if cfg.privacy.dp_mode == "local":

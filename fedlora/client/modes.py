@@ -1,4 +1,4 @@
-"""How this node trains for the run: its LoRA mode and rank, and whether it attacks.
+"""How this node trains for the run: its LoRA mode and rank (and, in simulations only, a tamper).
 
 The mode follows the run's ``strategy`` (each LoRA-aware strategy declares
 one, :func:`fedlora.strategies.registry.client_mode`), so there is no second
@@ -11,29 +11,31 @@ key that could disagree with the server:
   ``lora-rank`` at a real site, ``sim-client-ranks`` by partition id
   (round-robin) in a simulation, else ``lora-rank``.
 
-Attacks (``sim-malicious-fraction``) apply to simulated partitions only; a
-node with its own ``data-path`` never attacks.
+Attacks (``sim-malicious-fraction``) are not here: the simulation engine
+installs them as a :class:`Tamper` on its virtual nodes
+(:class:`fedlora.simulations.attacks.Adversary`). A site's node runs the
+ClientApp that ``fedlora node`` / ``flower-supernode`` load, which has none.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from flwr.app import Context
 
 from fedlora.config import RunConfig
+from fedlora.data.sources import TextDataset
 from fedlora.errors import ConfigError
 from fedlora.protocol import (
     KEY_LORA_RANK,
     MODE_FFA,
     MODE_HETERO,
     MODE_STANDARD,
-    NODE_DATA_PATH,
-    NODE_NUM_PARTITIONS,
     NODE_PARTITION_ID,
     client_mode,
 )
-from fedlora.simulations.attacks import malicious_partitions
+from fedlora.records import State
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,6 @@ class NodeMode:
 
     mode: str
     rank: int
-    attack: str | None  # the simulated attack this partition mounts, if any
 
     @property
     def trains_a(self) -> bool:
@@ -66,7 +67,7 @@ def node_mode(cfg: RunConfig, context: Context) -> NodeMode:
             f"strategy={cfg.strategy} sends a non-standard update, which "
             f"dp-mode={cfg.privacy.dp_mode} cannot clip; use dp-mode=local or strategy=fedavg"
         )
-    return NodeMode(mode, _rank(cfg, context, mode), _attack(cfg, context))
+    return NodeMode(mode, _rank(cfg, context, mode))
 
 
 def _rank(cfg: RunConfig, context: Context, mode: str) -> int:
@@ -87,13 +88,26 @@ def _rank(cfg: RunConfig, context: Context, mode: str) -> int:
     return cfg.lora.rank
 
 
-def _attack(cfg: RunConfig, context: Context) -> str | None:
-    node = context.node_config
-    if cfg.sim_malicious_fraction <= 0 or NODE_DATA_PATH in node or NODE_PARTITION_ID not in node:
-        return None
-    pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])  # type: ignore[arg-type]
-    return (
-        cfg.sim_attack
-        if pid in malicious_partitions(cfg.seed, n, cfg.sim_malicious_fraction)
-        else None
-    )
+class Tamper(Protocol):
+    """What a dishonest site would change, for measuring robust aggregation.
+
+    Only the simulation engine installs one (``build_client_app(tamper=...)``
+    in :mod:`fedlora.simulations.engine`); the node's own ClientApp has none,
+    so no run config can make a hospital's node alter its data or update.
+    """
+
+    def data(self, cfg: RunConfig, context: Context, data: TextDataset) -> TextDataset:
+        """The examples this node trains on (data poisoning)."""
+        ...
+
+    def update(
+        self,
+        cfg: RunConfig,
+        context: Context,
+        server_round: int,
+        site: int,
+        received: State,
+        trained: State,
+    ) -> State:
+        """The adapter this node sends (model poisoning)."""
+        ...

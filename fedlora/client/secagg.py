@@ -39,10 +39,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -51,10 +50,14 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
+from fedlora.client.replies import error_reply
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
     ERROR_CODE_SECAGG_REQUIRED,
     ERROR_CODE_USER,
+    METRIC_NUM_EXAMPLES,
     METRIC_SECAGG_CLIPPED,
     NODE_REQUIRE_SECAGG,
     NODE_SECAGG_MIN_THRESHOLD,
@@ -63,7 +66,7 @@ from fedlora.protocol import (
     SECAGG_MAX_WEIGHT_KEY,
     SECAGG_NAMES_KEY,
 )
-from fedlora.records import State, is_lora_a, state_to_arrays
+from fedlora.records import State, arrays_to_state, is_lora_a, state_to_arrays
 
 Scalar = bool | int | float | str | bytes
 TrainFn = Callable[[State, dict[str, Scalar], Context], tuple[State, int, dict[str, Scalar]]]
@@ -108,7 +111,7 @@ def secagg_mod(required: bool | None = None) -> Mod:
         if RECORD_KEY_CONFIGS in msg.content.config_records:
             refusal = check_setup(msg, context)
             if refusal is not None:
-                return _error(msg, refusal, ERROR_CODE_SECAGG_REQUIRED)
+                return error_reply(msg, refusal, ERROR_CODE_SECAGG_REQUIRED)
             return _run_protocol_step(msg, context, call_next)
         must = required if required is not None else _node_requires(context)
         if must:
@@ -117,7 +120,7 @@ def secagg_mod(required: bool | None = None) -> Mod:
                 "aggregation) but the server asked for a plain one; run the federation "
                 f"with secure aggregation, or restart the node without {NODE_REQUIRE_SECAGG}=true"
             )
-            return _error(msg, exc, ERROR_CODE_SECAGG_REQUIRED)
+            return error_reply(msg, exc, ERROR_CODE_SECAGG_REQUIRED)
         return call_next(msg, context)
 
     return mod
@@ -271,7 +274,7 @@ def secagg_fit_handler(train_fn: TrainFn) -> ClientAppCallable:
             trained, num_examples, metrics = train_fn(work, dict(config), context)
             return fitres_reply(msg, names, global_state, trained, num_examples, metrics, config)
         except FedloraError as exc:
-            return _error(msg, exc, ERROR_CODE_USER)
+            return error_reply(msg, exc, ERROR_CODE_USER)
 
     return handle
 
@@ -284,23 +287,22 @@ def build_secagg_client_app(train_fn: TrainFn, required: bool | None = True) -> 
 
 
 def fedlora_secagg_train(
-    msg: Message, context: Context, overrides: dict[str, Any] | None = None
+    msg: Message, context: Context, train: Callable[[Message, Context], Message]
 ) -> Message:
     """fedlora's ``train`` handler inside a SecAgg+ round.
 
     The protocol's ``FitIns`` is rewritten into the message fedlora's handler
-    reads (``arrays`` + ``config`` with ``server-round``), so data loading,
-    local DP, the node's privacy ledger and error replies behave exactly as
-    in a plain round; its reply is turned into the ``FitRes`` the mod masks.
+    ``train`` reads (``arrays`` + ``config`` with ``server-round``), so data
+    loading, local DP, the node's privacy ledger and error replies behave
+    exactly as in a plain round; its reply is turned into the ``FitRes`` the
+    mod masks. (The ClientApp passes its handler in: this module does not
+    import the app.)
     """
-    from fedlora.client.app import train
-    from fedlora.protocol import ARRAYS_KEY, CONFIG_KEY, METRIC_NUM_EXAMPLES
-    from fedlora.records import arrays_to_state
 
     try:
         names, global_state, config = read_fitins(msg)
     except FedloraError as exc:
-        return _error(msg, exc, ERROR_CODE_USER)
+        return error_reply(msg, exc, ERROR_CODE_USER)
     plain = {
         k: v for k, v in config.items() if k not in (SECAGG_CLIPPING_KEY, SECAGG_MAX_WEIGHT_KEY)
     }
@@ -310,7 +312,7 @@ def fedlora_secagg_train(
             CONFIG_KEY: ConfigRecord(plain),  # type: ignore[arg-type]
         }
     )
-    reply = train(msg, context, overrides)
+    reply = train(msg, context)
     if reply.has_error():
         return reply
     trained = arrays_to_state(reply.content.array_records[ARRAYS_KEY])
@@ -323,8 +325,4 @@ def fedlora_secagg_train(
     try:
         return fitres_reply(msg, names, global_state, trained, num_examples, metrics, config)
     except FedloraError as exc:
-        return _error(msg, exc, ERROR_CODE_USER)
-
-
-def _error(msg: Message, exc: BaseException, code: int) -> Message:
-    return Message(error=Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        return error_reply(msg, exc, ERROR_CODE_USER)

@@ -25,11 +25,15 @@ import random
 from collections.abc import Mapping
 
 import numpy as np
+from flwr.app import Context
 
+from fedlora.config import RunConfig
 from fedlora.data.sources import TextDataset
 from fedlora.errors import ConfigError
+from fedlora.protocol import NODE_DATA_PATH, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
+from fedlora.records import State
 
-__all__ = ["flip_labels", "malicious_partitions", "poison_update"]
+__all__ = ["Adversary", "flip_labels", "malicious_partitions", "partition_attack", "poison_update"]
 
 
 def _seed(*parts: object) -> int:
@@ -91,3 +95,46 @@ def flip_labels(data: TextDataset) -> TextDataset:
         source=f"{data.source} (labels flipped)",
         groups=data.groups,
     )
+
+
+def partition_attack(cfg: RunConfig, context: Context) -> str | None:
+    """The attack this virtual node mounts in the run ``cfg``, or None.
+
+    Only simulated partitions attack: a node with its own ``data-path`` (a
+    real site) never does, whatever the run config says.
+    """
+    node = context.node_config
+    if cfg.sim_malicious_fraction <= 0 or NODE_DATA_PATH in node or NODE_PARTITION_ID not in node:
+        return None
+    pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])  # type: ignore[arg-type]
+    chosen = malicious_partitions(cfg.seed, n, cfg.sim_malicious_fraction)
+    return cfg.sim_attack if pid in chosen else None
+
+
+class Adversary:
+    """The simulated attacks as the ClientApp's tamper (:class:`fedlora.client.modes.Tamper`).
+
+    The simulation engine installs it on its virtual nodes; it acts on the
+    partitions :func:`partition_attack` picks and leaves the others alone.
+    """
+
+    def data(self, cfg: RunConfig, context: Context, data: TextDataset) -> TextDataset:
+        """Label flipping for a ``label-flip`` partition."""
+        return flip_labels(data) if partition_attack(cfg, context) == "label-flip" else data
+
+    def update(
+        self,
+        cfg: RunConfig,
+        context: Context,
+        server_round: int,
+        site: int,
+        received: State,
+        trained: State,
+    ) -> State:
+        """Sign flipping or noise for a ``sign-flip`` / ``scaled-noise`` partition."""
+        attack = partition_attack(cfg, context)
+        if attack not in ("sign-flip", "scaled-noise"):
+            return trained
+        return poison_update(
+            received, trained, attack, cfg.sim_attack_scale, cfg.seed, server_round, site
+        )

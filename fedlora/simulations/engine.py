@@ -89,6 +89,7 @@ def simulate(
 
     from fedlora.client.app import build_client_app
     from fedlora.server.app import build_server_app, status_of, write_status
+    from fedlora.simulations.attacks import Adversary
 
     if num_clients < 1:
         raise ConfigError(f"num-clients is {num_clients}; use >= 1")
@@ -112,7 +113,8 @@ def simulate(
         try:
             run_simulation(
                 server_app=build_server_app(flat),
-                client_app=build_client_app(flat, client_mods),
+                # The simulated attacks are installed here, on virtual nodes only.
+                client_app=build_client_app(flat, client_mods, tamper=Adversary()),
                 num_supernodes=num_clients,
                 backend_config=resources.backend_config(),  # type: ignore[arg-type]
                 verbose_logging=verbose,
