@@ -31,6 +31,7 @@ from fedlora.protocol import (
     NODE_DELTA,
     NODE_EPSILON_CAP,
     NODE_LABEL_COLUMN,
+    NODE_LEDGER_DIR,
     NODE_SITE_NAME,
     NODE_TEXT_COLUMN,
 )
@@ -38,7 +39,6 @@ from fedlora.protocol import (
 Outcome = Literal["completed", "stopped", "failed"]
 
 # Node-config keys read by fedlora.client.app and fedlora.client.private.
-NODE_LEDGER_DIR = "privacy-ledger-dir"
 
 _PLAN_TITLES = {
     "operator": "operator (this machine; ca.key never leaves it, keep it offline)",
@@ -224,7 +224,7 @@ def run_outcome(flwr_status: str, run_dir: Path | None) -> tuple[Outcome, str]:
     also when fedlora stopped early (too few nodes); status.json says which.
     ``run_dir`` is None when the run directory is not on this machine.
     """
-    from fedlora.server.app import status_of
+    from fedlora.rundir import status_of
 
     local = status_of(run_dir) if run_dir is not None else None
     link = f"SuperLink: {flwr_status}"

@@ -101,6 +101,7 @@ NODE_EPSILON_CAP = "privacy-epsilon-cap"  # the site's own lifetime ε cap
 NODE_DELTA = "privacy-delta"
 NODE_ACCOUNTANT = "privacy-accountant"
 NODE_PUBLIC_EXAMPLES = "privacy-public-examples"  # the weight a DP site publishes
+NODE_LEDGER_DIR = "privacy-ledger-dir"  # where the site keeps its privacy ledgers
 NODE_LORA_RANK = KEY_LORA_RANK  # hetero-rank: this site's rank
 NODE_REQUIRE_SECAGG = "require-secagg"  # refuse plain (unmasked) training requests
 NODE_SECAGG_MIN_THRESHOLD = "secagg-min-threshold"

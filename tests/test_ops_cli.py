@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from fedlora import deploy
 from fedlora.ops_cli import app
 from fedlora.preflight import run_outcome
-from fedlora.server.app import write_status
+from fedlora.rundir import write_status
 
 runner = CliRunner()
 

@@ -44,11 +44,11 @@ from fedlora.protocol import (
     NODE_DATA_PATH,
     NODE_DELTA,
     NODE_EPSILON_CAP,
+    NODE_LEDGER_DIR,
     NODE_PUBLIC_EXAMPLES,
 )
 
 # Node-config keys a site's operator sets (never the server).
-NODE_LEDGER_DIR = "privacy-ledger-dir"
 
 #: The ledger scope of a real site. A site's ledger is keyed by its data,
 #: never by a name from the server's run config (``federation``): that name

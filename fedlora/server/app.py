@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,13 @@ from fedlora.protocol import (
     client_mode,
 )
 from fedlora.records import arrays_to_state, is_lora_a, state_to_arrays
+from fedlora.rundir import (
+    ADAPTER_DIR,
+    CLIENTS_JSON,
+    CONFIG_FILE,
+    FEATURE_CENTER_FILE,
+    write_status,
+)
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.ensemble import EnsembleEvaluator
 from fedlora.server.history import RoundRecord, RunHistory
@@ -82,11 +88,6 @@ from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")
 
-STATUS_FILE = "status.json"
-CONFIG_FILE = "config.json"
-ADAPTER_DIR = "adapter"
-FEATURE_CENTER_FILE = "feature_center.npy"
-
 
 def _ensure_console_logging() -> None:
     logger = logging.getLogger("fedlora")
@@ -96,14 +97,6 @@ def _ensure_console_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-
-
-def write_status(run_dir: Path, status: str, reason: str = "", **extra: Any) -> None:
-    """Record how the run ended (atomic)."""
-    atomic_write_json(
-        run_dir / STATUS_FILE,
-        {"status": status, "reason": reason, "time": time.time(), **extra},
-    )
 
 
 class GlobalEvaluator:
@@ -368,7 +361,7 @@ class ClientLog:
     """
 
     def __init__(self, run_dir: Path, keep_until: int = 0):
-        self.path = run_dir / "clients.json"
+        self.path = run_dir / CLIENTS_JSON
         old = json.loads(self.path.read_text()) if keep_until and self.path.is_file() else []
         self.rows: list[dict[str, Any]] = [r for r in old if r["round"] <= keep_until]
 
@@ -456,11 +449,3 @@ def build_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
 
 
 app = build_server_app()
-
-
-def status_of(run_dir: str | Path) -> dict[str, Any]:
-    """Read a run's status.json (``{"status": "missing"}`` if absent)."""
-    import json
-
-    path = Path(run_dir) / STATUS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {"status": "missing"}

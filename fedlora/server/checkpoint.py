@@ -34,9 +34,8 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.io import atomic_write_bytes, atomic_write_json
 from fedlora.records import nonfinite_key
+from fedlora.rundir import CHECKPOINT_DIR, CHECKPOINT_STATE_FILE
 
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
 # Keys that may differ between the interrupted run and its resumption.
 _RESUME_FREE_KEYS = {"resume", "run-dir", "round-timeout"}
 
@@ -108,7 +107,7 @@ def save_checkpoint(
     atomic_write_bytes(folder / "adapter.npz", adapter)
     atomic_write_bytes(folder / "strategy.pkl", pickled)
     atomic_write_json(
-        root / STATE_FILE,
+        root / CHECKPOINT_STATE_FILE,
         {
             "round": server_round,
             "folder": folder.name,
@@ -131,7 +130,7 @@ def save_checkpoint(
 def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint | None:
     """The last complete round, or None when the run has none yet."""
     root = run_dir / CHECKPOINT_DIR
-    marker = root / STATE_FILE
+    marker = root / CHECKPOINT_STATE_FILE
     if not marker.is_file():
         return None
     try:

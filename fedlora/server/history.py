@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.io import atomic_write_json, atomic_write_text
-
-METRICS_CSV = "metrics.csv"
-METRICS_JSON = "metrics.json"
+from fedlora.rundir import METRICS_CSV, METRICS_JSON
 
 
 @dataclass

@@ -70,7 +70,7 @@ def write_partitions(run_dir: Path, cfg: RunConfig, num_clients: int) -> Path:
     """
     from fedlora.data.partition import partition_summary
     from fedlora.io import atomic_write_json
-    from fedlora.simulations.plots import PARTITIONS_JSON
+    from fedlora.rundir import PARTITIONS_JSON
 
     rows = partition_summary(cfg.data, cfg.seed, num_clients)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,8 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from fedlora.client.app import build_client_app
-    from fedlora.server.app import build_server_app, status_of, write_status
+    from fedlora.rundir import status_of, write_status
+    from fedlora.server.app import build_server_app
     from fedlora.simulations.attacks import Adversary
 
     if num_clients < 1:

@@ -50,19 +50,7 @@ from typing import Any, Literal
 
 from fedlora.errors import DataError
 from fedlora.io import atomic_write_bytes
-from fedlora.server.history import METRICS_JSON
-
-CLIENTS_JSON = "clients.json"
-PARTITIONS_JSON = "partitions.json"
-PLOT_FILES = (
-    "accuracy.png",
-    "loss.png",
-    "epsilon.png",
-    "clients.png",
-    "bytes.png",
-    "partitions.png",
-)
-COMPARISON_PNG = "comparison.png"
+from fedlora.rundir import CLIENTS_JSON, COMPARISON_PNG, METRICS_JSON, PARTITIONS_JSON, PLOT_FILES
 
 
 @dataclass(frozen=True)

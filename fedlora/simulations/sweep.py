@@ -43,11 +43,10 @@ from typing import Any
 from fedlora.config import DEFAULTS
 from fedlora.errors import ConfigError
 from fedlora.io import atomic_write_json, atomic_write_text
+from fedlora.rundir import COMPARISON_CSV, SWEEP_JSON
 
 log = logging.getLogger("fedlora.simulation")
 
-COMPARISON_CSV = "comparison.csv"
-SWEEP_JSON = "sweep.json"
 _EXPERIMENT_KEYS = {"name", "num-clients", "num-cpus", "num-gpus"}
 # The sweep sets each cell's run-dir itself; a user value would send every cell to one folder.
 _SWEEP_OWNED = {"run-dir"}

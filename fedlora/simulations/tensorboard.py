@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.rundir import TENSORBOARD_DIR
 from fedlora.simulations.plots import load_rounds
-
-TENSORBOARD_DIR = "tensorboard"
 
 # metrics.json field -> TensorBoard tag
 SCALAR_TAGS: dict[str, str] = {
