@@ -18,9 +18,9 @@ from fedlora.app_trust import (
     generate_signing_key,
     sign_digest,
 )
+from fedlora.cli.ops import app as ops_app
 from fedlora.client import pinned
 from fedlora.errors import ConfigError
-from fedlora.ops_cli import app as ops_app
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
-from fedlora import certs
+from fedlora.deploy import certs
 from fedlora.errors import ConfigError
 
 HOSTS = ["superlink.example.org", "localhost", "127.0.0.1", "10.1.2.3", "::1"]

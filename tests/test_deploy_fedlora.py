@@ -34,9 +34,10 @@ import pytest
 from conftest import make_text_csv
 from typer.testing import CliRunner
 
-from fedlora import deploy
 from fedlora.app_trust import app_dir_digest, generate_signing_key
-from fedlora.ops_cli import app as ops_app
+from fedlora.cli.ops import app as ops_app
+from fedlora.deploy import flower as deploy
+from fedlora.deploy import flwr_cli, processes
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
@@ -61,19 +62,19 @@ class Federation:
     ca: Path
     certs: Path
     cli_home: Path
-    superlink: deploy.LocalProcess
+    superlink: processes.LocalProcess
     digest: str = ""
     signer: str = ""
-    nodes: dict[str, deploy.LocalProcess] = field(default_factory=dict)
+    nodes: dict[str, processes.LocalProcess] = field(default_factory=dict)
 
     def logs(self) -> str:
         procs = {"superlink": self.superlink, **self.nodes}
         return "\n".join(f"--- {n} ---\n{p.log_tail(3000)}" for n, p in procs.items())
 
-    def node(self, name: str, data: Path, *extra: str) -> deploy.LocalProcess:
+    def node(self, name: str, data: Path, *extra: str) -> processes.LocalProcess:
         """``fedlora node`` for site ``name`` (not started), behind its app pin:
         alpha and bravo pin the app's digest, charlie trusts only its signer."""
-        port = deploy.free_port()
+        port = processes.free_port()
         if "--trust-any-app" not in extra:
             trust = self.root / f"{name}.trusted-apps"
             # stranger's IT pinned some other app: it must refuse this one.
@@ -98,10 +99,10 @@ class Federation:
             str(self.root / "state" / name),
             *extra,
         )
-        return deploy.LocalProcess(
+        return processes.LocalProcess(
             command,
             self.root / f"{name}.log",
-            env=deploy.flower_env(self.root / "home" / name),
+            env=flwr_cli.flower_env(self.root / "home" / name),
             ready_port=port,
             ready_timeout=STARTUP_TIMEOUT,
         )
@@ -133,7 +134,7 @@ class Federation:
             text=True,
             timeout=RUN_TIMEOUT + 60,
             check=False,
-            env=deploy.flower_env(self.cli_home),
+            env=flwr_cli.flower_env(self.cli_home),
         )
         found = re.search(r"submitted run (\d+)", done.stderr)
         assert found, done.stdout + done.stderr + self.logs()
@@ -141,7 +142,7 @@ class Federation:
 
 
 def _ops(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedlora.ops_cli", *args]
+    return [sys.executable, "-m", "fedlora", *args]
 
 
 def _toml(value: object) -> str:
@@ -187,12 +188,12 @@ def federation(
         + [a for n in [*SITES, "broken", "mallory", "stranger"] for a in ("--node", n)],
     )
     assert made.exit_code == 0, made.output
-    port = deploy.free_port()
+    port = processes.free_port()
     address = f"{deploy.LOOPBACK}:{port}"
-    superlink = deploy.LocalProcess(
+    superlink = processes.LocalProcess(
         _ops("server", "--certs", str(certs_dir), "--port", str(port), "--state-dir", str(root)),
         root / "superlink.log",
-        env=deploy.flower_env(root / "home" / "superlink"),
+        env=flwr_cli.flower_env(root / "home" / "superlink"),
         ready_port=port,
         ready_timeout=STARTUP_TIMEOUT,
     )
@@ -214,10 +215,10 @@ def federation(
         for site in SITES:
             fed.nodes[site] = fed.node(site, data / f"{site}.csv", "--labels", LABELS)
         # Runs first on exit: stop everything concurrently.
-        stack.callback(deploy.stop_all, [*fed.nodes.values(), superlink])
+        stack.callback(processes.stop_all, [*fed.nodes.values(), superlink])
         # Start the nodes concurrently: each reads its file first (seconds).
         with ThreadPoolExecutor() as pool:
-            list(pool.map(deploy.LocalProcess.start, fed.nodes.values()))
+            list(pool.map(processes.LocalProcess.start, fed.nodes.values()))
         yield fed
 
 
@@ -249,8 +250,8 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
     bad.write_text("note,diagnosis\nsome text,money\nmore text,tech\n")
     # `fedlora node` would refuse this file; start the SuperNode directly, as
     # if the file had been replaced after the node started.
-    port = deploy.free_port()
-    broken = deploy.LocalProcess(
+    port = processes.free_port()
+    broken = processes.LocalProcess(
         deploy.supernode_command(
             superlink=federation.address,
             root_certificates=federation.ca,
@@ -259,7 +260,7 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
             runtime_port=port,
         ),
         federation.root / "broken.log",
-        env=deploy.flower_env(federation.root / "home" / "broken"),
+        env=flwr_cli.flower_env(federation.root / "home" / "broken"),
         ready_port=port,
         ready_timeout=STARTUP_TIMEOUT,
     )
@@ -290,14 +291,16 @@ def test_broken_site_and_killed_node_do_not_stop_the_run(federation: Federation)
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
-def _wait_for_log(proc: deploy.LocalProcess, text: str, timeout: float = STARTUP_TIMEOUT) -> None:
+def _wait_for_log(
+    proc: processes.LocalProcess, text: str, timeout: float = STARTUP_TIMEOUT
+) -> None:
     deadline = time.monotonic() + timeout
     while text not in proc.log_tail(100_000):
         assert time.monotonic() < deadline, f"{text!r} not in log:\n{proc.log_tail()}"
         time.sleep(0.2)
 
 
-def _kill_when_training(victim: deploy.LocalProcess) -> threading.Thread:
+def _kill_when_training(victim: processes.LocalProcess) -> threading.Thread:
     """SIGKILL the victim's process tree once it has taken a training message.
 
     A crash, not a shutdown: SIGTERM would let the SuperNode deactivate

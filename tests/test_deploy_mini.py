@@ -25,7 +25,8 @@ import pytest
 from flwr.cli.flower_config import read_superlink_connection
 from flwr.common.config import parse_config_args
 
-from fedlora import certs, deploy
+from fedlora.deploy import certs, flwr_cli, processes
+from fedlora.deploy import flower as deploy
 from fedlora.errors import ConfigError
 
 APP_DIR = Path(__file__).parent / "fixtures" / "mini_app"
@@ -42,20 +43,20 @@ class Deployment:
     plan: dict[str, dict[str, Path]]
     address: str
     cli_home: Path
-    superlink: deploy.LocalProcess
-    supernodes: dict[str, deploy.LocalProcess]
+    superlink: processes.LocalProcess
+    supernodes: dict[str, processes.LocalProcess]
 
     def logs(self) -> str:
         procs = {"superlink": self.superlink, **self.supernodes}
         return "\n".join(f"--- {n} ---\n{p.log_tail(2000)}" for n, p in procs.items())
 
-    def supernode(self, name: str, key: str | None, ca: bool) -> deploy.LocalProcess:
+    def supernode(self, name: str, key: str | None, ca: bool) -> processes.LocalProcess:
         """A SuperNode process (not started) with ``key`` and optionally the CA."""
         command = deploy.supernode_command(
             superlink=self.address,
             root_certificates=self.plan["flwr-cli"]["root-certificates"],
             auth_private_key=key,
-            runtime_port=deploy.free_port(),
+            runtime_port=processes.free_port(),
             max_retries=2,
             max_wait_time=REFUSAL_TIMEOUT / 2,
         )
@@ -63,21 +64,23 @@ class Deployment:
             at = command.index("--root-certificates")
             del command[at : at + 2]
         home = self.root / "home" / name
-        return deploy.LocalProcess(command, self.root / f"{name}.log", env=deploy.flower_env(home))
+        return processes.LocalProcess(
+            command, self.root / f"{name}.log", env=flwr_cli.flower_env(home)
+        )
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("deploy")
     plan = certs.generate_all(root / "certs", ["localhost", "127.0.0.1"], [*NODES, "mallory"])
-    port = deploy.free_port()
+    port = processes.free_port()
     address = f"{deploy.LOOPBACK}:{port}"
     cli_home = root / "home" / "cli"
     deploy.write_flwr_connection_config(
         cli_home, CONNECTION, address, plan["flwr-cli"]["root-certificates"]
     )
     link = plan["superlink"]
-    superlink = deploy.LocalProcess(
+    superlink = processes.LocalProcess(
         deploy.superlink_command(
             ssl_certfile=link["ssl-certfile"],
             ssl_keyfile=link["ssl-keyfile"],
@@ -86,17 +89,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             database=root / "superlink.db",
         ),
         root / "superlink.log",
-        env=deploy.flower_env(root / "home" / "superlink"),
+        env=flwr_cli.flower_env(root / "home" / "superlink"),
         ready_port=port,
         ready_timeout=STARTUP_TIMEOUT,
     )
     with ExitStack() as stack:
         stack.enter_context(superlink)
         for name in NODES:
-            deploy.register_node(cli_home, CONNECTION, plan["operator"][f"public-key:{name}"])
+            flwr_cli.register_node(cli_home, CONNECTION, plan["operator"][f"public-key:{name}"])
         supernodes = {}
         for index, name in enumerate(NODES):
-            runtime_port = deploy.free_port()
+            runtime_port = processes.free_port()
             command = deploy.supernode_command(
                 superlink=address,
                 root_certificates=plan[f"supernode:{name}"]["root-certificates"],
@@ -105,27 +108,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 runtime_port=runtime_port,
             )
             supernodes[name] = stack.enter_context(
-                deploy.LocalProcess(
+                processes.LocalProcess(
                     command,
                     root / f"{name}.log",
-                    env=deploy.flower_env(root / "home" / name),
+                    env=flwr_cli.flower_env(root / "home" / name),
                     ready_port=runtime_port,
                     ready_timeout=STARTUP_TIMEOUT,
                 )
             )
         # Runs first on exit: stop everything concurrently, not one by one.
-        stack.callback(deploy.stop_all, [*supernodes.values(), superlink])
+        stack.callback(processes.stop_all, [*supernodes.values(), superlink])
         yield Deployment(root, plan, address, cli_home, superlink, supernodes)
 
 
 @pytest.mark.deployment
 @pytest.mark.slow
 def test_run_completes_over_tls_with_node_auth(deployment):
-    run_id = deploy.submit_run(
+    run_id = flwr_cli.submit_run(
         deployment.cli_home, APP_DIR, CONNECTION, wait=True, timeout=RUN_TIMEOUT
     )
-    status = deploy.run_status(deployment.cli_home, CONNECTION, run_id)
-    logs = deploy.run_logs(deployment.cli_home, CONNECTION, run_id)
+    status = flwr_cli.run_status(deployment.cli_home, CONNECTION, run_id)
+    logs = flwr_cli.run_logs(deployment.cli_home, CONNECTION, run_id)
     assert status == deploy.RUN_COMPLETED, logs + deployment.logs()
     # zeros + 1 from each node, averaged with equal weights
     assert "MINIAPP-RESULT [1.0, 1.0, 1.0, 1.0]" in logs, logs
@@ -136,13 +139,13 @@ def test_run_completes_over_tls_with_node_auth(deployment):
 def test_failed_run_is_reported_as_failed(deployment):
     # The ServerApp raises when the result differs from 2 per round, so the run
     # fails; `flwr run` itself would still exit 0.
-    run_id = deploy.submit_run(
+    run_id = flwr_cli.submit_run(
         deployment.cli_home,
         APP_DIR,
         CONNECTION,
         run_config={"expected-increment": 2.0},
     )
-    status = deploy.wait_for_run(deployment.cli_home, CONNECTION, run_id, timeout=RUN_TIMEOUT)
+    status = flwr_cli.wait_for_run(deployment.cli_home, CONNECTION, run_id, timeout=RUN_TIMEOUT)
     assert status == deploy.RUN_FAILED, deployment.logs()
 
 
@@ -222,14 +225,16 @@ def test_app_with_legacy_federations_section_is_refused(tmp_path):
 
 def test_local_process_reports_a_crash_with_its_log(tmp_path):
     command = [sys.executable, "-c", "print('boom', flush=True); raise SystemExit(3)"]
-    process = deploy.LocalProcess(command, tmp_path / "crash.log", ready_port=deploy.free_port())
+    process = processes.LocalProcess(
+        command, tmp_path / "crash.log", ready_port=processes.free_port()
+    )
     with pytest.raises(deploy.DeploymentError, match=r"(?s)code 3.*boom"):
         process.start()
 
 
 def test_local_process_stops_helpers_in_their_own_session(tmp_path):
     # Like the SuperLink: a helper in a new session, then listen on a port.
-    port = deploy.free_port()
+    port = processes.free_port()
     pid_file = tmp_path / "helper.pid"
     script = f"""
 import socket, subprocess, sys, time
@@ -239,7 +244,7 @@ open({str(pid_file)!r}, "w").write(str(helper.pid))
 server = socket.create_server(("127.0.0.1", {port}))
 time.sleep(120)
 """
-    with deploy.LocalProcess(
+    with processes.LocalProcess(
         [sys.executable, "-c", script],
         tmp_path / "parent.log",
         ready_port=port,

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedlora.cli import parse_overrides
+from fedlora.cli.common import parse_overrides
+from fedlora.cli.ops import app as ops_app
 from fedlora.config import RunConfig
 from fedlora.data.partition import client_partition
 from fedlora.data.sources import load_table
 from fedlora.errors import ConfigError, DataError
-from fedlora.ops_cli import app as ops_app
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.simulations.tiny import LABELS, tiny_run_config
 

@@ -16,9 +16,9 @@ from conftest import make_text_csv
 from flwr.common.config import parse_config_args
 from typer.testing import CliRunner
 
-from fedlora import deploy
-from fedlora.ops_cli import app
-from fedlora.preflight import run_outcome
+from fedlora.cli.ops import app
+from fedlora.deploy import flower as deploy
+from fedlora.deploy.preflight import run_outcome
 from fedlora.rundir import write_status
 
 runner = CliRunner()

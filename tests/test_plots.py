@@ -166,7 +166,7 @@ def test_tensorboard_events_read_back_and_rewrite_cleanly(tmp_path: Path) -> Non
 
 
 def test_write_reports_and_report_command(tmp_path: Path) -> None:
-    from fedlora.cli import app
+    from fedlora.cli.main import app
 
     result = write_reports(write_run(tmp_path))
     assert len(result["plots"]) == 5 and result["tensorboard"].is_dir()

@@ -57,7 +57,7 @@ def test_killed_server_resumes_to_the_uninterrupted_result(
         f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
         for k, v in _overrides(tiny_model_dir, text_csv, crashed).items()
     ]
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "-n", "3"]
+    cmd = [sys.executable, "-m", "fedlora", "simulate", "-n", "3"]
     for a in args:
         cmd += ["-c", a.replace("'", '"')]
     proc = subprocess.Popen(

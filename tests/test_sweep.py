@@ -142,7 +142,7 @@ def test_two_cell_sweep_writes_runs_csv_and_plots(
     import matplotlib.image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fedlora.cli import app
+    from fedlora.cli.main import app
 
     toml = _toml(
         tmp_path,

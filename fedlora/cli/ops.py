@@ -25,12 +25,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
-from fedlora import certs as certs_lib
-from fedlora import deploy, preflight
+from fedlora.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    fail,
+    parse_overrides,
+)
+from fedlora.deploy import certs as certs_lib
+from fedlora.deploy import flower as deploy
+from fedlora.deploy import flwr_cli, preflight
 from fedlora.errors import ConfigError, FedloraError
 
 app = typer.Typer(
@@ -39,8 +47,6 @@ app = typer.Typer(
     help="Deployment: credentials, the operator's server, hospitals' nodes, runs.",
 )
 
-# Same values as fedlora.cli (not imported: fedlora.cli mounts this module).
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
 DEFAULT_CONNECTION = "fedlora"
 DEFAULT_SUPERLINK = f"{deploy.LOOPBACK}:{deploy.DEFAULT_SUPERLINK_PORT}"
@@ -63,11 +69,6 @@ Connection = Annotated[str, typer.Option(help="Name of the SuperLink connection 
 PrintCommand = Annotated[
     bool, typer.Option("--print-command", help="Print the command instead of running it.")
 ]
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def _exec(command: list[str], env: dict[str, str], cwd: Path, print_only: bool) -> None:
@@ -100,7 +101,7 @@ def certs(
     try:
         plan = certs_lib.generate_all(out, host, node, overwrite=overwrite)
     except FedloraError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(preflight.describe_plan(plan))
     ca = plan["operator"]["ca-cert"]
     keys = " ".join(str(plan["operator"][f"public-key:{n}"]) for n in node)
@@ -152,7 +153,7 @@ def server(
             runtime_dependency_installation=False,
         )
     except FedloraError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not print_command:
         state.mkdir(parents=True, exist_ok=True)
         typer.echo(
@@ -168,7 +169,7 @@ def server(
                 fg=typer.colors.YELLOW,
                 err=True,
             )
-    _exec(command, deploy.flower_env(state / FLWR_HOME_DIR), state, print_command)
+    _exec(command, flwr_cli.flower_env(state / FLWR_HOME_DIR), state, print_command)
 
 
 # ---------------------------------------------------------------- register
@@ -190,11 +191,11 @@ def register(
         for key in public_keys:
             deploy.require_file(key, "SuperNode public key")
     except FedloraError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     failed = False
     for key in public_keys:
         try:
-            node_id = deploy.register_node(flwr_home, connection, key)
+            node_id = flwr_cli.register_node(flwr_home, connection, key)
         except deploy.DeploymentError as exc:
             if "already registered" in str(exc):
                 typer.echo(f"{key}: already registered, nothing to do")
@@ -300,7 +301,7 @@ def node(
             max_wait_time=max_wait_time,
         )
     except FedloraError as exc:
-        _fail(f"node not started: {exc}")
+        fail(f"node not started: {exc}")
     state = (state_dir or Path(f"~/.fedlora/node-{node_config['site-name']}")).expanduser()
     state = state.resolve()
     if not print_command:
@@ -310,7 +311,7 @@ def node(
             "adapter tensors and metrics leave this site",
             err=True,
         )
-    env = deploy.flower_env(state / FLWR_HOME_DIR)
+    env = flwr_cli.flower_env(state / FLWR_HOME_DIR)
     if not print_command:
         env = deploy.pinned_clientapp_env(env, state / "bin", trusted_apps)
     elif trust_any_app:
@@ -334,7 +335,7 @@ def app_digest(
     try:
         typer.echo(f"sha256:{app_dir_digest((app_dir or default_app_dir()).resolve())}")
     except (FedloraError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command("signing-key")
@@ -348,7 +349,7 @@ def signing_key(
     try:
         line = generate_signing_key(out, name)
     except (FileExistsError, OSError) as exc:
-        _fail(f"signing key not written: {exc}")
+        fail(f"signing key not written: {exc}")
     typer.echo(line)
 
 
@@ -357,7 +358,9 @@ def signing_key(
 
 def default_app_dir() -> Path:
     """The fedlora Flower App folder: the repository root this package lives in."""
-    return Path(__file__).resolve().parent.parent
+    import fedlora
+
+    return Path(fedlora.__file__).resolve().parent.parent
 
 
 @app.command()
@@ -393,7 +396,6 @@ def run(
     ] = None,
 ) -> None:
     """Submit a run to the SuperLink, follow it, and exit with how it ended."""
-    from fedlora.cli import parse_overrides
     from fedlora.config import RunConfig
 
     app_path = (app_dir or default_app_dir()).expanduser().resolve()
@@ -408,23 +410,23 @@ def run(
             overrides[RUN_APP_SIGNATURE] = sign_digest(app_dir_digest(app_path), sign_key)
         deploy.write_flwr_connection_config(flwr_home, connection, superlink, ca)
     except FedloraError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     start = time.monotonic()
     try:
-        run_id = deploy.submit_run(flwr_home, app_path, connection, run_config=overrides)
+        run_id = flwr_cli.submit_run(flwr_home, app_path, connection, run_config=overrides)
     except FedloraError as exc:
-        _fail(str(exc), EXIT_FAILED)
+        fail(str(exc), EXIT_FAILED)
     typer.echo(f"submitted run {run_id} to {superlink}", err=True)
     deadline = start + timeout if timeout > 0 else None
     try:
         if stream:
             _stream_logs(flwr_home, connection, run_id, deadline)
         remaining = max(1.0, deadline - time.monotonic()) if deadline else 10 * 365 * 86400.0
-        status = deploy.wait_for_run(flwr_home, connection, run_id, timeout=remaining)
+        status = flwr_cli.wait_for_run(flwr_home, connection, run_id, timeout=remaining)
     except deploy.DeploymentError as exc:
-        _fail(str(exc), EXIT_FAILED)
+        fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
-        _fail(
+        fail(
             f"stopped following run {run_id}; it goes on on the server. Stop it with "
             f"`FLWR_HOME={flwr_home} flwr stop {run_id} {connection}`",
             130,
@@ -443,7 +445,7 @@ def _stream_logs(flwr_home: Path, connection: str, run_id: int, deadline: float 
     home = flwr_home.expanduser().resolve()
     flwr = Path(sys.executable).parent / "flwr"
     command = [str(flwr) if flwr.is_file() else "flwr", "log", str(run_id), connection]
-    with subprocess.Popen(command, env=deploy.flower_env(home), cwd=home) as proc:
+    with subprocess.Popen(command, env=flwr_cli.flower_env(home), cwd=home) as proc:
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()) if deadline else None)
         except subprocess.TimeoutExpired:
@@ -457,5 +459,5 @@ def _stream_logs(flwr_home: Path, connection: str, run_id: int, deadline: float 
             raise
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m fedlora.ops_cli`
+if __name__ == "__main__":  # pragma: no cover - `python -m fedlora.cli.ops`
     app()

@@ -21,27 +21,19 @@ with the command that creates it.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
-import psutil
 import tomli_w
 
-from fedlora.certs import CERTS_COMMAND
+from fedlora.deploy.certs import CERTS_COMMAND
 from fedlora.errors import ConfigError, FedloraError
 
 # flwr 1.41's own defaults (flwr.supercore.constant), restated so importing
@@ -189,7 +181,7 @@ def superlink_command(
         environment, so it must hold the app's dependencies.
     """
     command = [
-        _flower_executable("flower-superlink"),
+        flower_executable("flower-superlink"),
         "--ssl-certfile",
         str(require_file(ssl_certfile, "SuperLink TLS certificate")),
         "--ssl-keyfile",
@@ -240,7 +232,7 @@ def supernode_command(
         Bound reconnection attempts; None retries forever (fine for services).
     """
     command = [
-        _flower_executable("flower-supernode"),
+        flower_executable("flower-supernode"),
         "--superlink",
         superlink,
         "--root-certificates",
@@ -290,7 +282,7 @@ def pinned_clientapp_env(
 def register_node_command(public_key: str | os.PathLike[str], connection: str) -> list[str]:
     """``flwr supernode register`` for one node's public key (JSON output)."""
     key = require_file(public_key, "SuperNode public key")
-    flwr = _flower_executable("flwr")
+    flwr = flower_executable("flwr")
     return [flwr, "supernode", "register", str(key), connection, "--format", "json"]
 
 
@@ -311,7 +303,7 @@ def flwr_run_command(
     """
     app = Path(app_dir).expanduser().resolve()
     _check_app_pyproject(app / "pyproject.toml")
-    command = [_flower_executable("flwr"), "run", str(app), connection]
+    command = [flower_executable("flwr"), "run", str(app), connection]
     if run_config:
         command += ["--run-config", format_config_args(run_config)]
     if stream:
@@ -324,337 +316,10 @@ def flwr_run_command(
 # ------------------------------------------------------------------ flwr CLI
 
 
-def flower_env(
-    flwr_home: str | os.PathLike[str], extra: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """Environment for Flower processes and the ``flwr`` CLI.
-
-    ``FLWR_HOME`` isolates config, installed apps and credentials per process.
-    PATH starts with this interpreter's scripts folder because the SuperLink
-    and SuperNode start ``flower-superexec`` by name. Telemetry and the update
-    check are off: federation machines are often offline, and a private
-    deployment should not announce itself.
-    """
-    env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    env["FLWR_HOME"] = str(Path(flwr_home).expanduser().resolve())
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"  # log files show output as it happens
-    env.update(extra or {})
-    return env
-
-
-def flwr_json(
-    command: Sequence[str], flwr_home: str | os.PathLike[str], *, timeout: float = 60
-) -> dict[str, Any]:
-    """Run a ``flwr ... --format json`` command; return its JSON or raise."""
-    done = _run_flwr(command, flwr_home, timeout)
-    # stdout is the JSON document, possibly after stray log lines.
-    start = done.stdout.find("{")
-    payload: Any = None
-    if start >= 0:
-        try:
-            payload, _ = json.JSONDecoder().raw_decode(done.stdout[start:])
-        except ValueError:
-            payload = None
-    if not isinstance(payload, dict) or not payload.get("success", False):
-        detail = (payload or {}).get("error-message") or done.stderr or done.stdout
-        raise DeploymentError(
-            f"`{' '.join(command)}` failed (exit {done.returncode}): {str(detail).strip()[-2000:]}"
-        )
-    return payload
-
-
-def register_node(
-    flwr_home: str | os.PathLike[str],
-    connection: str,
-    public_key: str | os.PathLike[str],
-) -> int:
-    """Register a node's public key with the SuperLink; return its node id."""
-    try:
-        payload = flwr_json(register_node_command(public_key, connection), flwr_home)
-    except DeploymentError as err:
-        if "already in use" not in str(err):
-            raise
-        raise DeploymentError(
-            f"public key {public_key} is already registered with SuperLink "
-            f"connection '{connection}' (its --database keeps registrations "
-            "across restarts). Nothing to do, or remove it first with "
-            "`flwr supernode unregister`."
-        ) from err
-    return int(payload["node-id"])
-
-
-def submit_run(
-    flwr_home: str | os.PathLike[str],
-    app_dir: str | os.PathLike[str],
-    connection: str,
-    *,
-    run_config: Mapping[str, ConfigValue] | None = None,
-    wait: bool = False,
-    timeout: float = 120.0,
-) -> int:
-    """Start a run of the app in ``app_dir``; return its run id.
-
-    With ``wait`` this returns once the run has ended (one ``flwr run
-    --stream`` call instead of polling), successful or not: check
-    :func:`run_status`.
-    """
-    command = flwr_run_command(app_dir, connection, run_config=run_config, stream=wait)
-    return int(flwr_json(command, flwr_home, timeout=timeout)["run-id"])
-
-
-def run_status(flwr_home: str | os.PathLike[str], connection: str, run_id: int) -> str:
-    """Status of a run, e.g. ``running`` or ``finished:completed``/``:failed``."""
-    flwr = _flower_executable("flwr")
-    command = [flwr, "ls", connection, "--run-id", str(run_id), "--format", "json"]
-    runs = flwr_json(command, flwr_home)["runs"]
-    if len(runs) != 1:
-        raise DeploymentError(f"SuperLink lists {len(runs)} runs for run id {run_id}.")
-    return str(runs[0]["status"])
-
-
-def wait_for_run(
-    flwr_home: str | os.PathLike[str],
-    connection: str,
-    run_id: int,
-    *,
-    timeout: float,
-    poll_interval: float = 1.0,
-) -> str:
-    """Poll until the run is ``finished:*``; return that status."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run_status(flwr_home, connection, run_id)
-        if status.startswith("finished"):
-            return status
-        if time.monotonic() > deadline:
-            raise DeploymentError(
-                f"run {run_id} still '{status}' after {timeout:.0f}s; see "
-                f"`flwr log {run_id} {connection} --show` and the SuperNode logs."
-            )
-        time.sleep(poll_interval)
-
-
-def run_logs(flwr_home: str | os.PathLike[str], connection: str, run_id: int) -> str:
-    """The ServerApp log of a run so far (``flwr log --show``)."""
-    command = [_flower_executable("flwr"), "log", str(run_id), connection, "--show"]
-    done = _run_flwr(command, flwr_home, timeout=60)
-    return done.stdout + done.stderr
-
-
-def _run_flwr(
-    command: Sequence[str], flwr_home: str | os.PathLike[str], timeout: float
-) -> subprocess.CompletedProcess[str]:
-    home = Path(flwr_home).expanduser().resolve()
-    if not (home / "config.toml").is_file():
-        raise ConfigError(
-            f"FLWR_HOME {home} has no config.toml; create the SuperLink "
-            "connection first with write_flwr_connection_config()."
-        )
-    try:
-        return subprocess.run(
-            list(command),
-            env=flower_env(home),
-            # `flwr` treats a pyproject.toml in its working directory as an
-            # app whose legacy settings it may rewrite; run it where none is.
-            cwd=home,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as err:
-        raise DeploymentError(
-            f"`{' '.join(command)}` did not finish within {timeout:.0f}s; is the "
-            f"SuperLink reachable at the address in {home / 'config.toml'}?"
-        ) from err
-
-
 # ------------------------------------------------------------------ processes
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(
-    host: str,
-    port: int,
-    timeout: float,
-    *,
-    process: subprocess.Popen[bytes] | None = None,
-) -> None:
-    """Block until ``host:port`` accepts TCP connections.
-
-    Raises DeploymentError on timeout or, if ``process`` is given, as soon as
-    that process exits (so a crash is reported now, not after the timeout).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        if process is not None and process.poll() is not None:
-            raise DeploymentError(
-                f"process {process.pid} exited with code {process.returncode} "
-                f"before listening on {host}:{port}."
-            )
-        if time.monotonic() > deadline:
-            raise DeploymentError(f"nothing listens on {host}:{port} after {timeout}s.")
-        time.sleep(0.1)
-
-
-class LocalProcess:
-    """A process that lives for one ``with`` block, logging to ``log_path``.
-
-    On entry it starts the command and, if ``ready_port`` is set, waits until
-    that port accepts connections. On exit it sends SIGTERM to the process
-    and everything it spawned, waits ``stop_timeout`` and kills what is left.
-    """
-
-    def __init__(
-        self,
-        command: Sequence[str],
-        log_path: str | os.PathLike[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        ready_port: int | None = None,
-        ready_host: str = LOOPBACK,
-        ready_timeout: float = 60.0,
-        stop_timeout: float = 10.0,
-    ) -> None:
-        self.command = list(command)
-        self.log_path = Path(log_path)
-        self.env = dict(env) if env is not None else None
-        self.ready_port = ready_port
-        self.ready_host = ready_host
-        self.ready_timeout = ready_timeout
-        self.stop_timeout = stop_timeout
-        self.popen: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def __enter__(self) -> LocalProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit code, or None while running."""
-        return self._started().poll()
-
-    def start(self) -> None:
-        """Start the process and wait for ``ready_port`` if one was given."""
-        if self.popen is not None:
-            raise DeploymentError(f"{self.command[0]} was already started.")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
-        self.popen = subprocess.Popen(
-            self.command,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        if self.ready_port is None:
-            return
-        try:
-            wait_for_port(self.ready_host, self.ready_port, self.ready_timeout, process=self.popen)
-        except DeploymentError as err:
-            self.stop()
-            raise DeploymentError(
-                f"{Path(self.command[0]).name} did not become ready: {err}\n"
-                f"Last log lines ({self.log_path}):\n{self.log_tail()}"
-            ) from err
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the process to exit by itself; return its exit code."""
-        try:
-            return self._started().wait(timeout=timeout)
-        except subprocess.TimeoutExpired as err:
-            raise DeploymentError(
-                f"{Path(self.command[0]).name} still running after {timeout}s.\n"
-                f"Last log lines ({self.log_path}):\n{self.log_tail()}"
-            ) from err
-
-    def stop(self) -> None:
-        """Terminate the process and its descendants; safe to call twice."""
-        if self.popen is None:
-            return
-        try:
-            if self.popen.poll() is None:
-                self._terminate_tree(self.popen)
-        finally:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-
-    def log_tail(self, max_chars: int = 4000) -> str:
-        """The end of the log file (for error messages)."""
-        if self._log is not None:
-            self._log.flush()
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return text[-max_chars:]
-
-    def _started(self) -> subprocess.Popen[bytes]:
-        if self.popen is None:
-            raise DeploymentError(f"{self.command[0]} has not been started.")
-        return self.popen
-
-    def _terminate_tree(self, popen: subprocess.Popen[bytes]) -> None:
-        try:
-            # Collected before the parent dies: orphans are re-parented and
-            # could no longer be found from it.
-            children = psutil.Process(popen.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        # Parent first, so it can shut its helpers down the way it expects;
-        # then whatever survived it (e.g. the SuperLink's detached SuperExec).
-        popen.terminate()
-        try:
-            popen.wait(timeout=self.stop_timeout)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(timeout=self.stop_timeout)
-        _terminate_and_reap(children, self.stop_timeout)
-
-
-def stop_all(processes: Iterable[LocalProcess]) -> None:
-    """Stop several processes at once; each graceful shutdown takes seconds."""
-    with ThreadPoolExecutor() as pool:
-        list(pool.map(LocalProcess.stop, processes))
-
-
-def _terminate_and_reap(procs: list[psutil.Process], timeout: float) -> None:
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=timeout)
-
-
-def _flower_executable(name: str) -> str:
+def flower_executable(name: str) -> str:
     """Path of a Flower console script, preferring this interpreter's env."""
     local = Path(sys.executable).parent / name
     if local.is_file():

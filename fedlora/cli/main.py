@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line.
+"""The ``fedlora`` command line: research commands (``simulate``, ``sweep``, ``report``).
 
 Exit codes: 0 the run completed; 1 it failed; 2 bad input (config, paths);
 3 it stopped early for a stated reason (e.g. too few nodes replied).
@@ -7,13 +7,14 @@ Exit codes: 0 the run completed; 1 it failed; 2 bad input (config, paths);
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from fedlora.errors import ConfigError, FedloraError
+from fedlora.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, parse_overrides
+from fedlora.cli.ops import app as ops_app
+from fedlora.errors import FedloraError
 
 app = typer.Typer(
     add_completion=False,
@@ -21,44 +22,13 @@ app = typer.Typer(
     help="fedlora: private federated LoRA fine-tuning (Flower + PEFT + Opacus).",
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
-
-# Deployment commands (certs, server, register, node, run) live in ops_cli.
-from fedlora.ops_cli import app as ops_app  # noqa: E402
-
+# Deployment commands (certs, server, register, node, run) live in fedlora.cli.ops.
 app.add_typer(ops_app)
 
 
 @app.callback()
 def _root() -> None:
     """fedlora: private federated LoRA fine-tuning (Flower + PEFT + Opacus)."""
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs (TOML values) and/or TOML files, later wins."""
-    out: dict[str, Any] = {}
-    for item in items:
-        path = Path(item)
-        if "=" not in item and path.suffix == ".toml":
-            if not path.is_file():
-                raise FedloraError(f"config file {item!r} does not exist")
-            try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-                raise ConfigError(f"config file {item} is not valid TOML: {err}") from None
-            out.update(data.get("config", data))
-            continue
-        if "=" not in item:
-            raise FedloraError(
-                f"-c {item!r} is neither key=value nor a .toml file; "
-                "write e.g. -c num-server-rounds=5"
-            )
-        key, raw = (s.strip() for s in item.split("=", 1))
-        try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = raw  # bare strings need no quotes on the command line
-    return out
 
 
 @app.command()

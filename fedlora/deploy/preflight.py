@@ -23,8 +23,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from fedlora import certs as certs_lib
-from fedlora import deploy
+from fedlora.deploy import certs as certs_lib
+from fedlora.deploy import flower as deploy
 from fedlora.errors import ConfigError, DataError
 from fedlora.protocol import (
     NODE_DATA_PATH,

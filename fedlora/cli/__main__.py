@@ -1,0 +1,5 @@
+"""``python -m fedlora.cli``: the ``fedlora`` command."""
+
+from fedlora.cli.main import main
+
+main()
