@@ -24,9 +24,9 @@ from fedlora.config import LoraSettings
 from fedlora.models.adapter import adapter_state_shapes
 from fedlora.models.loading import build_model, default_model_path
 from fedlora.records import is_lora_a
-from fedlora.strategies.exact_lora import aggregate_exact
-from fedlora.strategies.ffa_lora import aggregate_ffa
-from fedlora.strategies.lora_math import RunningMean
+from fedlora.strategies.math.exact import aggregate_exact
+from fedlora.strategies.math.ffa import aggregate_ffa
+from fedlora.strategies.math.lora import RunningMean
 
 State = dict[str, np.ndarray]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlora.errors import ConfigError, UpdateRejected
-from fedlora.strategies.exact_lora import aggregate_exact
+from fedlora.strategies.math.exact import aggregate_exact
 
 P = "base_model.model.layer.0.query"
 A, B = f"{P}.lora_A.weight", f"{P}.lora_B.weight"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlora.errors import UpdateRejected
-from fedlora.strategies.ffa_lora import (
+from fedlora.strategies.math.ffa import (
     aggregate_ffa,
     ffa_init_A,
     ffa_init_state,

@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 
 from fedlora.errors import ConfigError, UpdateRejected
-from fedlora.strategies.hetero_rank import (
-    aggregate_hetero,
-    factorise_for_rank,
-    split_for_rank,
-)
-from fedlora.strategies.lora_math import lora_scaling
+from fedlora.strategies.math.hetero import aggregate_hetero, factorise_for_rank, split_for_rank
+from fedlora.strategies.math.lora import lora_scaling
 
 P = "base_model.model.layer.0.query"
 A, B = f"{P}.lora_A.weight", f"{P}.lora_B.weight"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlora.errors import UpdateRejected
-from fedlora.strategies.lora_math import (
+from fedlora.strategies.math.lora import (
     RunningMean,
     dense_keys,
     factorise,

@@ -21,7 +21,7 @@ from fedlora.records import payload_bytes
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
 from fedlora.strategies.compressed import encoded_record
-from fedlora.strategies.lora_math import state_norm
+from fedlora.strategies.math.lora import state_norm
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -21,7 +21,7 @@ from fedlora.privacy.releases import PLAIN_TRAIN_METRICS
 from fedlora.server.gate import ReplyLimits, check_train_reply, gate_replies, npy_header
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
-from fedlora.strategies.hetero_strategy import max_rank
+from fedlora.strategies.hetero_rank import max_rank
 
 GLOBAL = ArrayRecord(
     {

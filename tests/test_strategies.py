@@ -87,7 +87,7 @@ def test_partial_replies_follow_the_registered_client_mode() -> None:
     # A strategy registered later with FFA's client mode gets its replies
     # decoded by the strategy, like ffa-lora; no name list to keep in step.
     from fedlora.config import RunConfig
-    from fedlora.strategies.ffa_strategy import FfaLora
+    from fedlora.strategies.ffa_lora import FfaLora
     from fedlora.strategies.registry import register
 
     class MyFfa(FfaLora):

@@ -14,7 +14,7 @@ from fedlora.server.validation import (
     expected_from_state,
     make_update_validator,
 )
-from fedlora.strategies.lora_math import state_norm
+from fedlora.strategies.math.lora import state_norm
 
 A = "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
 B = "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"

@@ -77,13 +77,7 @@ from fedlora.server.secagg import (
     SecureAggregationFailed,
     run_secagg_rounds,
 )
-from fedlora.server.validation import (
-    expected_from_state,
-    make_decoded_filter,
-    make_update_validator,
-)
-from fedlora.strategies.compressed import SentArrays
-from fedlora.strategies.lora_math import state_norm
+from fedlora.server.validation import update_filter
 from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")
@@ -214,7 +208,7 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
                     on_round,
                     first_round=first_round,
                     train_config=round_config,
-                    reply_filter=_update_validator(cfg, arrays, strategy),
+                    reply_filter=update_filter(cfg, arrays_to_state(arrays), strategy),
                 )
         except (RunStopped, SecureAggregationFailed) as stop:
             status, reason = "stopped", str(stop)
@@ -258,25 +252,6 @@ def feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, run_dir: Pat
     np.save(buffer, center)
     atomic_write_bytes(path, buffer.getvalue())
     return center
-
-
-def _update_validator(cfg: RunConfig, arrays: ArrayRecord, strategy: Any) -> Any:
-    """Reject malformed or absurd updates before they reach the strategy.
-
-    Where every reply carries the full adapter as sent, the server checks it
-    against the initial adapter. Compressed uploads and strategies with
-    partial or per-site payloads (ffa-lora, hetero-rank) are checked by their
-    own decoder (:class:`SentArrays`) under the same norm limit.
-    """
-    init = arrays_to_state(arrays)
-    max_norm = cfg.update_max_norm or 10 * state_norm(init)
-    sent = getattr(strategy, "sent", None)
-    if isinstance(sent, SentArrays):
-        sent.max_norm = max_norm
-        if cfg.partial_replies:
-            checked = getattr(strategy, "checked_state", sent.state_of)
-            return make_decoded_filter(checked)
-    return make_update_validator(expected_from_state(init), max_norm=max_norm)
 
 
 def _run_secagg(

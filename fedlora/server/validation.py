@@ -40,10 +40,14 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
+from flwr.serverapp.strategy import Strategy
 
+from fedlora.config import RunConfig
 from fedlora.protocol import ARRAYS_KEY
+from fedlora.records import State
 from fedlora.server.loop import ReplyFilter
-from fedlora.strategies.lora_math import norm_excess
+from fedlora.strategies.compressed import DecodesReplies
+from fedlora.strategies.math.lora import norm_excess, state_norm
 
 Shape = tuple[int, ...]
 Expected = Mapping[str, tuple[Sequence[int], Any]]
@@ -215,3 +219,22 @@ def _names(names: Sequence[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_MAX_NAMES_SHOWN])
     more = len(names) - _MAX_NAMES_SHOWN
     return f"[{shown}{f', ... {more} more' if more > 0 else ''}]"
+
+
+def update_filter(cfg: RunConfig, init: State, strategy: Strategy) -> ReplyFilter:
+    """The run's one gate for updates: reject malformed or absurd ones before
+    they reach the strategy.
+
+    The limit is ``update-max-norm`` (default: ten times the initial adapter's
+    norm). A strategy that decodes its own replies
+    (:class:`~fedlora.strategies.compressed.DecodesReplies`: compressed
+    uploads, ffa-lora's and hetero-rank's partial payloads) decodes and
+    checks each one under that limit; for every other strategy each reply
+    must carry the full adapter as sent, checked against the initial one.
+    """
+    max_norm = cfg.update_max_norm or 10 * state_norm(init)
+    if isinstance(strategy, DecodesReplies):
+        strategy.sent.max_norm = max_norm
+        if cfg.partial_replies:
+            return make_decoded_filter(strategy.checked_state)
+    return make_update_validator(expected_from_state(init), max_norm=max_norm)

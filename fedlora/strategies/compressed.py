@@ -50,7 +50,7 @@ from fedlora.compression import SEPARATOR, decode
 from fedlora.errors import UpdateRejected
 from fedlora.protocol import ARRAYS_KEY, KEY_DECODES_COMPRESSED
 from fedlora.records import State, arrays_to_state, state_to_arrays
-from fedlora.strategies.lora_math import norm_excess
+from fedlora.strategies.math.lora import norm_excess
 
 log = logging.getLogger("fedlora.server")
 
@@ -218,7 +218,24 @@ def _check_against(state: Mapping[str, np.ndarray], base: ArrayRecord, source: s
             )
 
 
-class CompressedUpdates(Strategy):
+class DecodesReplies:
+    """A strategy that reads its own replies (compressed deltas, partial or
+    per-site payloads) against what each node was sent (:attr:`sent`).
+
+    The server's reply filter asks such a strategy to decode and check each
+    reply (:meth:`checked_state`) under the run's ``update-max-norm``; every
+    other strategy gets the server's check of the full adapter as sent
+    (:func:`fedlora.server.validation.update_filter` chooses by this type).
+    """
+
+    sent: SentArrays
+
+    def checked_state(self, reply: Message) -> State:
+        """The reply's decoded state (raises ``UpdateRejected`` if it is not sound)."""
+        return self.sent.state_of(reply)
+
+
+class CompressedUpdates(DecodesReplies, Strategy):
     """Wrap a Flower strategy so it aggregates compressed client updates.
 
     Each reply is decoded to a plain adapter state (the node's base plus its

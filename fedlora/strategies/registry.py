@@ -47,11 +47,11 @@ from fedlora.protocol import (
     MODE_STANDARD,
     declare_mode,
 )
+from fedlora.strategies.base import LoraStrategy
 from fedlora.strategies.compressed import CompressedUpdates
-from fedlora.strategies.exact_strategy import LoraExact
-from fedlora.strategies.ffa_strategy import FfaLora
-from fedlora.strategies.hetero_strategy import HeteroRank
-from fedlora.strategies.lora_strategy import LoraStrategy
+from fedlora.strategies.ffa_lora import FfaLora
+from fedlora.strategies.hetero_rank import HeteroRank
+from fedlora.strategies.lora_exact import LoraExact
 
 StrategyFactory = Callable[..., Strategy]
 

@@ -50,7 +50,7 @@ import numpy as np
 
 from fedlora.errors import ConfigError
 from fedlora.records import State
-from fedlora.strategies.lora_math import (
+from fedlora.strategies.math.lora import (
     RunningMean,
     dense_keys,
     factorise,

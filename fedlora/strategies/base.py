@@ -37,9 +37,9 @@ from flwr.serverapp.strategy import FedAvg
 from fedlora.errors import UpdateRejected
 from fedlora.protocol import KEY_DECODES_COMPRESSED, METRIC_REJECTED, MODE_STANDARD
 from fedlora.records import LORA_A_SUFFIX, State
-from fedlora.strategies.compressed import SentArrays, record_state
-from fedlora.strategies.ffa_lora import ffa_init_A
-from fedlora.strategies.lora_math import lora_pairs
+from fedlora.strategies.compressed import DecodesReplies, SentArrays, record_state
+from fedlora.strategies.math.ffa import ffa_init_A
+from fedlora.strategies.math.lora import lora_pairs
 
 log = logging.getLogger("fedlora.server")
 
@@ -86,7 +86,7 @@ def revive_dead_directions(state: State, seed: int) -> State:
     return out
 
 
-class LoraStrategy(FedAvg):
+class LoraStrategy(DecodesReplies, FedAvg):
     """FedAvg plumbing around a LoRA aggregation rule (subclass and implement
     :meth:`aggregate_states`).
 

@@ -5,7 +5,7 @@ stacking (Wang et al., 2024, https://arxiv.org/abs/2409.05976).
 
 FedAvg averages A and B separately, and ``mean(B_i) @ mean(A_i)`` is not
 ``mean(B_i @ A_i)``. This strategy averages the products
-(:func:`fedlora.strategies.exact_lora.aggregate_exact`) and sends clients the
+(:func:`fedlora.strategies.math.exact.aggregate_exact`) and sends clients the
 best factors of that mean at the federation's rank (truncated SVD, singular
 values split evenly between B and A); dense tensors (the classifier head) are
 averaged as FedAvg would. When the mean delta has a higher rank than the
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from fedlora.protocol import METRIC_TRUNCATION, MODE_STANDARD
 from fedlora.records import State
-from fedlora.strategies.exact_lora import aggregate_exact
-from fedlora.strategies.lora_strategy import LoraStrategy, revive_dead_directions, state_rank
+from fedlora.strategies.base import LoraStrategy, revive_dead_directions, state_rank
+from fedlora.strategies.math.exact import aggregate_exact
 
 __all__ = ["LoraExact"]
 
