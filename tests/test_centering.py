@@ -280,7 +280,7 @@ def test_centre_noise_norm_by_hand() -> None:
     """σ=10, R=5·√4=10, 10 nodes, 1536 features: 10·√2·10·√15360 / N —
     1.71 for Rotten Tomatoes' 10,246 examples, 10.3 for BBC News' 1,701
     (against a mean of norm ~9: the server warns on the second)."""
-    from fedlora.server.loop import centre_noise_norm
+    from fedlora.server.centering import centre_noise_norm
 
     base = RunConfig()
     cfg = replace(base, lora=replace(base.lora, pooling="mean", pooling_layers=4))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedlora.server.loop import SiteRegistry, derive_seed, sample_nodes
+from fedlora.server.exchange import SiteRegistry, derive_seed, sample_nodes
 
 
 def _sites(mapping: dict[int, str]) -> SiteRegistry:

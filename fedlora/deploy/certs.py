@@ -44,8 +44,8 @@ CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
 NODES_DIR = "nodes"
-NODE_PRIVATE_SUFFIX = ".key"
-NODE_PUBLIC_SUFFIX = ".pub"
+PRIVATE_KEY_SUFFIX = ".key"
+PUBLIC_KEY_SUFFIX = ".pub"
 
 # P-256 for TLS: every TLS stack (OpenSSL, BoringSSL in gRPC, browsers) has it.
 _TLS_CURVE = ec.SECP256R1()
@@ -280,8 +280,8 @@ def create_node_keys(
     pairs = {
         name: NodeKeyPair(
             name,
-            nodes_dir / f"{name}{NODE_PRIVATE_SUFFIX}",
-            nodes_dir / f"{name}{NODE_PUBLIC_SUFFIX}",
+            nodes_dir / f"{name}{PRIVATE_KEY_SUFFIX}",
+            nodes_dir / f"{name}{PUBLIC_KEY_SUFFIX}",
         )
         for name in names
     }
@@ -335,8 +335,8 @@ def generate_all(
     subject_alt_names(hosts)  # validate before anything is written
     targets = [out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY]
     for name in names:
-        targets.append(out / NODES_DIR / f"{name}{NODE_PRIVATE_SUFFIX}")
-        targets.append(out / NODES_DIR / f"{name}{NODE_PUBLIC_SUFFIX}")
+        targets.append(out / NODES_DIR / f"{name}{PRIVATE_KEY_SUFFIX}")
+        targets.append(out / NODES_DIR / f"{name}{PUBLIC_KEY_SUFFIX}")
     _refuse_existing(targets, overwrite)
 
     ca = create_ca(out, common_name, overwrite=overwrite)

@@ -130,8 +130,8 @@ def check_node_inputs(
     except (ValueError, TypeError) as err:
         raise ConfigError(
             f"{key_file} is not an unencrypted OpenSSH private key ({err}); pass the node's "
-            f"nodes/<name>{certs_lib.NODE_PRIVATE_SUFFIX} from `{certs_lib.CERTS_COMMAND}`, "
-            f"not the {certs_lib.NODE_PUBLIC_SUFFIX} file"
+            f"nodes/<name>{certs_lib.PRIVATE_KEY_SUFFIX} from `{certs_lib.CERTS_COMMAND}`, "
+            f"not the {certs_lib.PUBLIC_KEY_SUFFIX} file"
         ) from None
     if stat.S_IMODE(key_file.stat().st_mode) & 0o077:
         raise ConfigError(

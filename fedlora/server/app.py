@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedlora.config import RunConfig
 from fedlora.data.partition import simulation_split
@@ -43,7 +44,6 @@ from fedlora.protocol import (
     ARRAYS_KEY,
     KEY_FEATURE_CENTER,
     METRIC_ACCURACY,
-    METRIC_BYTES_SENT,
     METRIC_LOSS,
     METRIC_NUM_EXAMPLES,
     MODE_FFA,
@@ -57,26 +57,18 @@ from fedlora.rundir import (
     FEATURE_CENTER_FILE,
     write_status,
 )
+from fedlora.server.centering import measure_feature_center
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.ensemble import EnsembleEvaluator
+from fedlora.server.exchange import reply_metrics, wait_for_nodes
 from fedlora.server.history import RoundRecord, RunHistory
-from fedlora.server.loop import (
-    RoundOutcome,
-    RunStopped,
-    SiteRegistry,
-    measure_feature_center,
-    progress_line,
-    reply_metrics,
-    run_rounds,
-    sample_nodes,
-    wait_for_nodes,
-)
+from fedlora.server.loop import RoundOutcome, StrategyStep, TrainStep, progress_line, run_rounds
 from fedlora.server.secagg import (
-    SecAggRound,
     SecAggSettings,
+    SecAggStep,
     SecureAggregationFailed,
-    run_secagg_rounds,
 )
+from fedlora.server.stops import RunStopped
 from fedlora.server.validation import update_filter
 from fedlora.strategies.registry import build_strategy
 
@@ -196,20 +188,8 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
                 center = feature_center(grid, arrays, cfg, run_dir)
                 set_feature_center(model, center)
                 round_config[KEY_FEATURE_CENTER] = [float(v) for v in center]
-            if cfg.secagg:
-                _run_secagg(grid, arrays, cfg, evaluator, on_round, first_round)
-            else:
-                run_rounds(
-                    strategy,
-                    grid,
-                    arrays,
-                    cfg,
-                    evaluator,
-                    on_round,
-                    first_round=first_round,
-                    train_config=round_config,
-                    reply_filter=update_filter(cfg, arrays_to_state(arrays), strategy),
-                )
+            step = train_step(grid, cfg, arrays, strategy, round_config)
+            run_rounds(step, grid, cfg, arrays, evaluator, on_round, first_round)
         except (RunStopped, SecureAggregationFailed) as stop:
             status, reason = "stopped", str(stop)
             log.warning("run stopped: %s", reason)
@@ -254,76 +234,30 @@ def feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, run_dir: Pat
     return center
 
 
-def _run_secagg(
-    grid: Grid,
-    arrays: ArrayRecord,
-    cfg: RunConfig,
-    evaluator: GlobalEvaluator,
-    on_round: Any,
-    first_round: int,
-) -> None:
-    """FedAvg over Flower's SecAgg+: the server only ever sees the masked sum.
+def train_step(
+    grid: Grid, cfg: RunConfig, arrays: ArrayRecord, strategy: Strategy, config: dict[str, Any]
+) -> TrainStep:
+    """The run's train step: SecAgg+ (FedAvg over the masked sum) or the strategy's.
 
-    Under ``strategy=ffa-lora`` nodes send a zero update for the frozen A
-    factors and the server keeps A bit-for-bit (FFA's exact mean of B).
+    Under ``strategy=ffa-lora`` with SecAgg+ nodes send a zero update for the
+    frozen A factors and the server keeps A bit-for-bit (FFA's exact mean of B).
     """
-    sites = SiteRegistry()
+    if not cfg.secagg:
+        update_gate = update_filter(cfg, arrays_to_state(arrays), strategy)
+        return StrategyStep(strategy, grid, cfg, arrays, config, update_gate)
     settings = SecAggSettings(
         clipping_range=cfg.secagg_clipping_range,
         max_weight=cfg.secagg_max_weight or float(cfg.train.max_train_examples),
         timeout=cfg.round_timeout,
     )
-
-    def select(server_round: int, node_ids: list[int]) -> list[int]:
-        sites.refresh(grid, timeout=max(cfg.round_timeout, 60.0))
-        return sample_nodes(
-            node_ids,
-            sites,
-            cfg.fraction_train,
-            cfg.min_train_nodes,
-            cfg.seed,
-            server_round,
-            "train",
-        )
-
-    def on_secure_round(result: SecAggRound) -> None:
-        new_arrays = state_to_arrays(result.state)
-        metrics = [result.metrics.get(n, {}) for n in result.contributed]
-        total = sum(result.num_examples.get(n, 0) for n in result.contributed) or 1
-        train: dict[str, float] = {}
-        for key in (METRIC_LOSS, METRIC_ACCURACY):
-            train[key] = (
-                sum(
-                    float(m.get(key, 0.0)) * result.num_examples.get(n, 0)  # type: ignore[arg-type]
-                    for n, m in zip(result.contributed, metrics, strict=True)
-                )
-                / total
-            )
-        on_round(
-            RoundOutcome(
-                server_round=result.server_round,
-                arrays=new_arrays,
-                train_metrics=train,
-                global_metrics=evaluator(result.server_round, new_arrays),
-                sampled=len(result.sampled),
-                ok=len(result.contributed),
-                failures=list(result.failures),
-                bytes_uploaded=int(sum(float(m.get(METRIC_BYTES_SENT, 0)) for m in metrics)),  # type: ignore[arg-type]
-                seconds=result.seconds,
-            )
-        )
-
-    run_secagg_rounds(
+    ffa = client_mode(cfg.strategy) == MODE_FFA
+    return SecAggStep(
         grid,
-        arrays_to_state(arrays),
-        cfg.num_server_rounds,
-        on_secure_round,
         settings,
+        cfg.num_server_rounds,
         min_nodes=cfg.min_train_nodes,
-        first_round=first_round,
-        select=select,
-        wait_timeout=cfg.round_timeout,
-        frozen=[k for k in arrays if is_lora_a(k)] if client_mode(cfg.strategy) == MODE_FFA else [],
+        train_config=config,
+        frozen=[k for k in arrays if is_lora_a(k)] if ffa else [],
     )
 
 

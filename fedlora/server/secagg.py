@@ -131,16 +131,19 @@ from flwr.serverapp import Grid
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.protocol import (
     KEY_SERVER_ROUND,
+    METRIC_ACCURACY,
+    METRIC_BYTES_SENT,
+    METRIC_LOSS,
     SECAGG_CLIPPING_KEY,
     SECAGG_MAX_WEIGHT_KEY,
     SECAGG_NAMES_KEY,
 )
-from fedlora.records import State
-from fedlora.server.loop import wait_for_nodes
+from fedlora.records import State, arrays_to_state, state_to_arrays
+from fedlora.server.exchange import SiteRegistry
+from fedlora.server.loop import TrainResult, run_rounds
 
 log = logging.getLogger("fedlora.server")
 
-SelectFn = Callable[[int, list[int]], list[int]]
 MIN_SECAGG_NODES = 3
 
 
@@ -269,6 +272,148 @@ def aggregate_error_bound(
     return entries + weights
 
 
+def secagg_exchange(
+    grid: Grid,
+    state: State,
+    nodes: Sequence[int],
+    rnd: int,
+    num_rounds: int,
+    settings: SecAggSettings,
+    train_config: Mapping[str, Scalar] | None = None,
+    min_nodes: int = MIN_SECAGG_NODES,
+) -> tuple[State, SecAggRound]:
+    """One round of FedAvg over SecAgg+ with ``nodes``; the new adapter and what happened.
+
+    Raises
+    ------
+    SecureAggregationFailed
+        The round lost so many nodes that the aggregate could not be
+        unmasked, or fewer than ``min_nodes`` contributed.
+    """
+    start = time.perf_counter()
+    names = list(state)
+    nodes = sorted(nodes)
+    settings.check_nodes(len(nodes))
+    recording = _RecordingGrid(grid)
+    config: dict[str, Scalar] = {
+        **dict(train_config or {}),
+        KEY_SERVER_ROUND: rnd,
+        SECAGG_NAMES_KEY: json.dumps(names),
+        SECAGG_CLIPPING_KEY: float(settings.clipping_range),
+        SECAGG_MAX_WEIGHT_KEY: float(settings.max_weight),
+    }
+    collector = _Collector(len(nodes), config)
+    context = _legacy_context(recording, nodes, collector, rnd, num_rounds)
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([state[n] for n in names])
+    settings.workflow()(cast(Grid, recording), context)
+    failures = recording.failure_lines()
+    if collector.mean is None:
+        raise SecureAggregationFailed(
+            f"round {rnd}: secure aggregation halted (too few nodes left to unmask; "
+            f"threshold {settings.reconstruction_threshold} of the shares); failures: "
+            + ("; ".join(failures) or "none reported")
+        )
+    if len(collector.results) < min_nodes:
+        raise SecureAggregationFailed(
+            f"round {rnd}: only {len(collector.results)} node(s) contributed "
+            f"(min {min_nodes}); failures: " + "; ".join(failures)
+        )
+    new_state = _apply(state, names, collector.mean)
+    contributed = sorted(node for node, _, _ in collector.results)
+    return new_state, SecAggRound(
+        server_round=rnd,
+        state=new_state,
+        sampled=list(nodes),
+        contributed=contributed,
+        num_examples={node: n for node, n, _ in collector.results},
+        metrics={node: m for node, _, m in collector.results},
+        failures=failures,
+        seconds=time.perf_counter() - start,
+    )
+
+
+class SecAggStep:
+    """A SecAgg+ round as the one loop's train step (:class:`fedlora.server.loop.TrainStep`).
+
+    The loop samples the sites, checks the aggregate and evaluates, exactly as
+    in a plain round; this step runs the protocol and reports the clear
+    figures (example counts, loss, accuracy, bytes) beside the masked sum.
+    ``frozen`` tensors (FFA-LoRA's A) are kept bit-for-bit rather than
+    trusting a quantised zero update. ``on_exchange`` sees each round's
+    :class:`SecAggRound` (the protocol-level record).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        settings: SecAggSettings,
+        num_rounds: int,
+        *,
+        min_nodes: int = MIN_SECAGG_NODES,
+        train_config: Mapping[str, Scalar] | None = None,
+        frozen: Iterable[str] = (),
+        on_exchange: Callable[[SecAggRound], None] | None = None,
+    ) -> None:
+        settings.check_nodes(min_nodes)
+        self.grid, self.settings, self.num_rounds = grid, settings, num_rounds
+        self.min_nodes = min_nodes
+        self.train_config = dict(train_config or {})
+        self.frozen = list(frozen)
+        self.on_exchange = on_exchange
+
+    def train(
+        self, rnd: int, arrays: ArrayRecord, nodes: list[int], sites: SiteRegistry
+    ) -> TrainResult:
+        """Run the protocol with ``nodes``; the unmasked mean applied to ``arrays``."""
+        state = arrays_to_state(arrays)
+        if not state:
+            raise ConfigError("initial adapter state is empty")
+        new_state, result = secagg_exchange(
+            self.grid,
+            state,
+            nodes,
+            rnd,
+            self.num_rounds,
+            self.settings,
+            self.train_config,
+            self.min_nodes,
+        )
+        new_state.update({n: state[n] for n in self.frozen if n in state})
+        if self.on_exchange is not None:
+            self.on_exchange(result)
+        return TrainResult(
+            arrays=state_to_arrays(new_state),
+            metrics=_weighted_metrics(result),
+            contributed=len(result.contributed),
+            failures=list(result.failures),
+            bytes_uploaded=int(
+                sum(_clear(result, n, METRIC_BYTES_SENT) for n in result.contributed)
+            ),
+        )
+
+    def evaluate(
+        self, rnd: int, arrays: ArrayRecord, sites: SiteRegistry
+    ) -> tuple[dict[str, float], list[str]]:
+        """No federated evaluation under SecAgg+ (the server evaluates centrally)."""
+        return {}, []
+
+
+def _clear(result: SecAggRound, node: int, key: str) -> float:
+    """A figure node ``node`` sent in clear beside its masked vector (0 if absent)."""
+    value = result.metrics.get(node, {}).get(key, 0.0)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _weighted_metrics(result: SecAggRound) -> dict[str, float]:
+    """Example-weighted loss and accuracy from the figures nodes send in clear."""
+    total = sum(result.num_examples.get(n, 0) for n in result.contributed) or 1
+    return {
+        key: sum(_clear(result, n, key) * result.num_examples.get(n, 0) for n in result.contributed)
+        / total
+        for key in (METRIC_LOSS, METRIC_ACCURACY)
+    }
+
+
 def run_secagg_rounds(
     grid: Grid,
     initial: Mapping[str, np.ndarray],
@@ -278,100 +423,51 @@ def run_secagg_rounds(
     *,
     min_nodes: int = MIN_SECAGG_NODES,
     first_round: int = 1,
-    select: SelectFn | None = None,
     train_config: Mapping[str, Scalar] | None = None,
     wait_timeout: float = 3600.0,
     frozen: Iterable[str] = (),
 ) -> State:
-    """Rounds ``first_round..num_rounds`` of FedAvg over SecAgg+; returns the final adapter.
+    """Rounds ``first_round..num_rounds`` of FedAvg over SecAgg+ with every
+    connected node, through the one round loop; returns the final adapter.
 
-    Parameters
-    ----------
-    grid : Grid
-        The ServerApp's grid (simulation or deployment).
-    initial : mapping of str to ndarray
-        The global adapter to start from (e.g. a checkpoint when resuming).
-    num_rounds : int
-        The last round to run.
-    on_round : callable
-        Called after every round with a :class:`SecAggRound` (checkpoint here).
-    settings : SecAggSettings, optional
-    min_nodes : int
-        Fewest connected nodes to start a round and fewest contributions to
-        accept one; at least 3.
-    first_round : int
-        First round number (resume after a checkpoint).
-    select : callable, optional
-        ``select(round, connected_node_ids) -> node_ids`` (e.g. fedlora's
-        seeded sampler); default: every connected node.
-    train_config : mapping, optional
-        Extra scalars for the nodes' fit config (``server-round`` is added).
-    wait_timeout : float
-        Seconds to wait for ``min_nodes`` nodes before each round.
-    frozen : iterable of str
-        Tensors nobody trains (FFA-LoRA's A): nodes send a zero update, and
-        the server keeps them bit-for-bit rather than trust a quantised zero.
+    A protocol-level entry point (no model, no evaluation) for ServerApps that
+    bring their own training; fedlora's server runs :class:`SecAggStep` in
+    :func:`fedlora.server.loop.run_rounds` itself. ``on_round`` gets each
+    round's :class:`SecAggRound`.
 
     Raises
     ------
-    fedlora.server.loop.RunStopped
+    fedlora.server.stops.RunStopped
         Too few nodes connected.
     SecureAggregationFailed
         A round lost so many nodes that the aggregate could not be unmasked,
         or fewer than ``min_nodes`` contributed.
     """
+    from fedlora.config import RunConfig
+
     settings = settings or SecAggSettings()
-    settings.check_nodes(min_nodes)
-    names = list(initial)
-    if not names:
+    if not initial:
         raise ConfigError("initial adapter state is empty")
-    state = {k: np.array(v, copy=True) for k, v in initial.items()}
-    keep = [n for n in frozen if n in state]
-    for rnd in range(first_round, num_rounds + 1):
-        start = time.perf_counter()
-        connected = sorted(wait_for_nodes(grid, min_nodes, wait_timeout))
-        nodes = sorted(select(rnd, connected)) if select else connected
-        settings.check_nodes(len(nodes))
-        recording = _RecordingGrid(grid)
-        config: dict[str, Scalar] = {
-            **dict(train_config or {}),
-            KEY_SERVER_ROUND: rnd,
-            SECAGG_NAMES_KEY: json.dumps(names),
-            SECAGG_CLIPPING_KEY: float(settings.clipping_range),
-            SECAGG_MAX_WEIGHT_KEY: float(settings.max_weight),
+    cfg = RunConfig.from_flat(
+        {
+            "num-server-rounds": num_rounds,
+            "min-train-nodes": min_nodes,
+            "fraction-train": 1.0,
+            "round-timeout": wait_timeout,
         }
-        collector = _Collector(len(nodes), config)
-        context = _legacy_context(recording, nodes, collector, rnd, num_rounds)
-        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([state[n] for n in names])
-        settings.workflow()(cast(Grid, recording), context)
-        failures = recording.failure_lines()
-        if collector.mean is None:
-            raise SecureAggregationFailed(
-                f"round {rnd}: secure aggregation halted (too few nodes left to unmask; "
-                f"threshold {settings.reconstruction_threshold} of the shares); failures: "
-                + ("; ".join(failures) or "none reported")
-            )
-        if len(collector.results) < min_nodes:
-            raise SecureAggregationFailed(
-                f"round {rnd}: only {len(collector.results)} node(s) contributed "
-                f"(min {min_nodes}); failures: " + "; ".join(failures)
-            )
-        state = {**_apply(state, names, collector.mean), **{n: state[n] for n in keep}}
-        contributed = sorted(node for node, _, _ in collector.results)
-        outcome = SecAggRound(
-            server_round=rnd,
-            state=state,
-            sampled=nodes,
-            contributed=contributed,
-            num_examples={node: n for node, n, _ in collector.results},
-            metrics={node: m for node, _, m in collector.results},
-            failures=failures,
-            seconds=time.perf_counter() - start,
-        )
-        for line in failures:
-            log.warning("round %d: %s", rnd, line)
-        on_round(outcome)
-    return state
+    )
+    step = SecAggStep(
+        grid,
+        settings,
+        num_rounds,
+        min_nodes=min_nodes,
+        train_config=train_config,
+        frozen=frozen,
+        on_exchange=on_round,
+    )
+    start = state_to_arrays({k: np.array(v, copy=True) for k, v in initial.items()})
+    final = run_rounds(step, grid, cfg, start, None, lambda _outcome: None, first_round)
+    return arrays_to_state(final)
 
 
 class _Collector(FedAvg):
