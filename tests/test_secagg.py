@@ -25,7 +25,8 @@ from flwr.compat.common import recorddict_compat as compat
 from fedlora.client import secagg as client_secagg
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DataError
-from fedlora.server.secagg import SecAggRound, SecAggSettings, aggregate_error_bound
+from fedlora.server.secagg import aggregate_error_bound
+from fedlora.server.secagg_flower import SecAggRound, SecAggSettings
 
 NUM_NODES = 4
 FAILING = (3, 2)  # (partition, round): this node fails in round 2

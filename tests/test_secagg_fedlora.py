@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedlora.server.secagg import SecAggSettings, aggregate_error_bound
+from fedlora.server.secagg import aggregate_error_bound
+from fedlora.server.secagg_flower import SecAggSettings
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
 

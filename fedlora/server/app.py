@@ -19,10 +19,10 @@ failed; ``fedlora simulate`` and ``fedlora run`` read it to set their exit code.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,12 @@ from fedlora.protocol import (
     KEY_FEATURE_CENTER,
     METRIC_ACCURACY,
     METRIC_LOSS,
-    METRIC_NUM_EXAMPLES,
     MODE_FFA,
     client_mode,
 )
 from fedlora.records import arrays_to_state, is_lora_a, state_to_arrays
 from fedlora.rundir import (
     ADAPTER_DIR,
-    CLIENTS_JSON,
     CONFIG_FILE,
     FEATURE_CENTER_FILE,
     write_status,
@@ -60,14 +58,19 @@ from fedlora.rundir import (
 from fedlora.server.centering import measure_feature_center
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.ensemble import EnsembleEvaluator
-from fedlora.server.exchange import reply_metrics, wait_for_nodes
+from fedlora.server.exchange import wait_for_nodes
 from fedlora.server.history import RoundRecord, RunHistory
-from fedlora.server.loop import RoundOutcome, StrategyStep, TrainStep, progress_line, run_rounds
-from fedlora.server.secagg import (
-    SecAggSettings,
-    SecAggStep,
-    SecureAggregationFailed,
+from fedlora.server.loop import (
+    RoundHook,
+    RoundOutcome,
+    StrategyStep,
+    TrainStep,
+    progress_line,
+    run_rounds,
 )
+from fedlora.server.report import ClientLog, dp_metadata, round_record
+from fedlora.server.secagg import SecAggStep
+from fedlora.server.secagg_flower import SecAggSettings, SecureAggregationFailed
 from fedlora.server.stops import RunStopped
 from fedlora.server.validation import update_filter
 from fedlora.strategies.registry import build_strategy
@@ -101,8 +104,28 @@ class GlobalEvaluator:
         return {METRIC_LOSS: loss, METRIC_ACCURACY: acc}
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share."""
+
+    cfg: RunConfig
+    run_dir: Path
+    history: RunHistory
+    model: Any
+    labels: list[str]
+    arrays: ArrayRecord
+    strategy: Strategy
+    evaluator: GlobalEvaluator
+    first_round: int = 1
+
+
 def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
-    """Run a whole federation; returns the final status."""
+    """Run a whole federation; returns the final status.
+
+    The steps, in order: :func:`_set_up` (model, strategy, central DP),
+    :func:`_resume_or_start` (checkpoint or round 0), :func:`_train` (feature
+    centre, then the one round loop), :func:`_export` (adapter + status).
+    """
     _ensure_console_logging()
     cfg = RunConfig.from_flat(flat_config)
     run_dir = cfg.run_path
@@ -111,105 +134,10 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
     write_status(run_dir, "running")
     history = RunHistory.load(run_dir) if cfg.resume else RunHistory(run_dir)
     try:
-        _pool, test = simulation_split(cfg.data, cfg.seed)
-        labels = list(test.labels.names)
-        model = get_task().build_model(cfg.model_path or None, len(labels), cfg.lora, cfg.seed)
-        arrays = state_to_arrays(adapter_state(model))
-        strategy = build_strategy(
-            cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate, cfg.train.compression
-        )
-        if cfg.privacy.dp_mode == "local":
-            for line in recipe_advice(cfg.train.optimizer, client_mode(cfg.strategy) != MODE_FFA):
-                log.warning("%s", line)
-        if cfg.privacy.dp_mode.startswith("central"):
-            population = len(wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout))
-            per_round = max(math.ceil(cfg.fraction_train * population), cfg.min_train_nodes)
-            strategy = wrap_central(
-                strategy,
-                cfg.privacy.dp_mode,
-                cfg.privacy.dp_noise_multiplier,
-                cfg.privacy.dp_max_grad_norm,
-                per_round,
-                population,
-                cfg.privacy.dp_delta,
-            )
-        evaluator = GlobalEvaluator(cfg, model)
-        first_round = 1
-        checkpoint = load_checkpoint(run_dir, cfg) if cfg.resume else None
-        if checkpoint is not None:
-            arrays = state_to_arrays(checkpoint.state)
-            strategy = checkpoint.strategy
-            first_round = checkpoint.server_round + 1
-            history.truncate(checkpoint.server_round)
-            log.info("resuming %s after round %d", run_dir, checkpoint.server_round)
-        else:
-            initial = evaluator(0, arrays)
-            history.add(
-                RoundRecord(
-                    round=0,
-                    global_loss=initial[METRIC_LOSS],
-                    global_accuracy=initial[METRIC_ACCURACY],
-                )
-            )
-            log.info(
-                "[round 0/%d] global acc %.3f · loss %.3f (before training)",
-                cfg.num_server_rounds,
-                initial[METRIC_ACCURACY],
-                initial[METRIC_LOSS],
-            )
-        latest = {"arrays": arrays}
-
-        clients = ClientLog(run_dir, keep_until=first_round - 1 if cfg.resume else 0)
-        ensemble = EnsembleEvaluator(model, evaluator.test, cfg.ensemble, cfg.ensemble_size)
-
-        def on_round(outcome: RoundOutcome) -> None:
-            latest["arrays"] = outcome.arrays
-            record = _record(outcome)
-            record.extra.update(clients.add(outcome))
-            site_states = (
-                [arrays_to_state(m.content.array_records[ARRAYS_KEY]) for m in outcome.replies]
-                if cfg.ensemble == "sites"
-                else []
-            )
-            record.extra.update(ensemble(arrays_to_state(outcome.arrays), site_states))
-            central_eps = central_epsilon(strategy)
-            if central_eps is not None:
-                record.extra["epsilon-user-level"] = central_eps
-            history.add(record)
-            save_checkpoint(
-                run_dir, cfg, outcome.server_round, arrays_to_state(outcome.arrays), strategy
-            )
-            log.info("%s", progress_line(outcome, cfg.num_server_rounds))
-
-        status, reason = "completed", ""
-        round_config: dict[str, Any] = {}
-        try:
-            if cfg.lora.feature_centering:
-                center = feature_center(grid, arrays, cfg, run_dir)
-                set_feature_center(model, center)
-                round_config[KEY_FEATURE_CENTER] = [float(v) for v in center]
-            step = train_step(grid, cfg, arrays, strategy, round_config)
-            run_rounds(step, grid, cfg, arrays, evaluator, on_round, first_round)
-        except (RunStopped, SecureAggregationFailed) as stop:
-            status, reason = "stopped", str(stop)
-            log.warning("run stopped: %s", reason)
-        final = latest["arrays"]
-        metadata = {
-            "rounds_completed": max((r.round for r in history.records), default=0),
-            "strategy": cfg.strategy,
-            "seed": cfg.seed,
-            "base_model": str(cfg.model_path or "all-MiniLM-L6-v2 (packaged)"),
-            "pooling": resolve_pooling(
-                resolve_model_path(cfg.model_path or None), cfg.lora.pooling
-            ),
-            "pooling_layers": cfg.lora.pooling_layers,
-            "feature_centering": cfg.lora.feature_centering,
-            "differential_privacy": _dp_metadata(cfg, history, strategy),
-            "status": status,
-        }
-        get_task().export(model, arrays_to_state(final), run_dir / ADAPTER_DIR, labels, metadata)
-        write_status(run_dir, status, reason, rounds_completed=metadata["rounds_completed"])
-        return status
+        run = _set_up(grid, cfg, run_dir, history)
+        _resume_or_start(run)
+        status, reason, final = _train(grid, run)
+        return _export(run, final, status, reason)
     except KeyboardInterrupt:
         # Ctrl-C: the run dir says so, and the last checkpoint stays resumable.
         write_status(run_dir, "stopped", "interrupted (Ctrl-C); resume with resume=true")
@@ -217,6 +145,125 @@ def run_server(grid: Grid, flat_config: dict[str, Any]) -> str:
     except Exception as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _set_up(grid: Grid, cfg: RunConfig, run_dir: Path, history: RunHistory) -> _Run:
+    """The frozen base and initial adapter every node builds, and the strategy."""
+    _pool, test = simulation_split(cfg.data, cfg.seed)
+    labels = list(test.labels.names)
+    model = get_task().build_model(cfg.model_path or None, len(labels), cfg.lora, cfg.seed)
+    arrays = state_to_arrays(adapter_state(model))
+    strategy = build_strategy(
+        cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate, cfg.train.compression
+    )
+    if cfg.privacy.dp_mode == "local":
+        for line in recipe_advice(cfg.train.optimizer, client_mode(cfg.strategy) != MODE_FFA):
+            log.warning("%s", line)
+    if cfg.privacy.dp_mode.startswith("central"):
+        population = len(wait_for_nodes(grid, cfg.min_train_nodes, cfg.round_timeout))
+        per_round = max(math.ceil(cfg.fraction_train * population), cfg.min_train_nodes)
+        strategy = wrap_central(
+            strategy,
+            cfg.privacy.dp_mode,
+            cfg.privacy.dp_noise_multiplier,
+            cfg.privacy.dp_max_grad_norm,
+            per_round,
+            population,
+            cfg.privacy.dp_delta,
+        )
+    evaluator = GlobalEvaluator(cfg, model)
+    return _Run(cfg, run_dir, history, model, labels, arrays, strategy, evaluator)
+
+
+def _resume_or_start(run: _Run) -> None:
+    """Continue from the checkpoint (``resume=true``), or evaluate round 0."""
+    cfg = run.cfg
+    checkpoint = load_checkpoint(run.run_dir, cfg) if cfg.resume else None
+    if checkpoint is not None:
+        run.arrays = state_to_arrays(checkpoint.state)
+        run.strategy = checkpoint.strategy
+        run.first_round = checkpoint.server_round + 1
+        run.history.truncate(checkpoint.server_round)
+        log.info("resuming %s after round %d", run.run_dir, checkpoint.server_round)
+        return
+    initial = run.evaluator(0, run.arrays)
+    run.history.add(
+        RoundRecord(
+            round=0, global_loss=initial[METRIC_LOSS], global_accuracy=initial[METRIC_ACCURACY]
+        )
+    )
+    log.info(
+        "[round 0/%d] global acc %.3f · loss %.3f (before training)",
+        cfg.num_server_rounds,
+        initial[METRIC_ACCURACY],
+        initial[METRIC_LOSS],
+    )
+
+
+def _round_hook(run: _Run, latest: dict[str, ArrayRecord]) -> RoundHook:
+    """What happens after every round: history, clients, ensembles, checkpoint, progress."""
+    cfg = run.cfg
+    clients = ClientLog(run.run_dir, keep_until=run.first_round - 1 if cfg.resume else 0)
+    ensemble = EnsembleEvaluator(run.model, run.evaluator.test, cfg.ensemble, cfg.ensemble_size)
+
+    def on_round(outcome: RoundOutcome) -> None:
+        latest[ARRAYS_KEY] = outcome.arrays
+        record = round_record(outcome)
+        record.extra.update(clients.add(outcome))
+        site_states = (
+            [arrays_to_state(m.content.array_records[ARRAYS_KEY]) for m in outcome.replies]
+            if cfg.ensemble == "sites"
+            else []
+        )
+        record.extra.update(ensemble(arrays_to_state(outcome.arrays), site_states))
+        central_eps = central_epsilon(run.strategy)
+        if central_eps is not None:
+            record.extra["epsilon-user-level"] = central_eps
+        run.history.add(record)
+        state = arrays_to_state(outcome.arrays)
+        save_checkpoint(run.run_dir, cfg, outcome.server_round, state, run.strategy)
+        log.info("%s", progress_line(outcome, cfg.num_server_rounds))
+
+    return on_round
+
+
+def _train(grid: Grid, run: _Run) -> tuple[str, str, ArrayRecord]:
+    """The feature centre (if asked), then the rounds: (status, reason, final adapter)."""
+    cfg = run.cfg
+    latest = {ARRAYS_KEY: run.arrays}
+    on_round = _round_hook(run, latest)
+    round_config: dict[str, Any] = {}
+    try:
+        if cfg.lora.feature_centering:
+            center = feature_center(grid, run.arrays, cfg, run.run_dir)
+            set_feature_center(run.model, center)
+            round_config[KEY_FEATURE_CENTER] = [float(v) for v in center]
+        step = train_step(grid, cfg, run.arrays, run.strategy, round_config)
+        run_rounds(step, grid, cfg, run.arrays, run.evaluator, on_round, run.first_round)
+    except (RunStopped, SecureAggregationFailed) as stop:
+        log.warning("run stopped: %s", stop)
+        return "stopped", str(stop), latest[ARRAYS_KEY]
+    return "completed", "", latest[ARRAYS_KEY]
+
+
+def _export(run: _Run, final: ArrayRecord, status: str, reason: str) -> str:
+    """The last good adapter in PEFT format with what its reader must know; the status."""
+    cfg = run.cfg
+    metadata = {
+        "rounds_completed": max((r.round for r in run.history.records), default=0),
+        "strategy": cfg.strategy,
+        "seed": cfg.seed,
+        "base_model": str(cfg.model_path or "all-MiniLM-L6-v2 (packaged)"),
+        "pooling": resolve_pooling(resolve_model_path(cfg.model_path or None), cfg.lora.pooling),
+        "pooling_layers": cfg.lora.pooling_layers,
+        "feature_centering": cfg.lora.feature_centering,
+        "differential_privacy": dp_metadata(cfg, run.history, run.strategy),
+        "status": status,
+    }
+    out = run.run_dir / ADAPTER_DIR
+    get_task().export(run.model, arrays_to_state(final), out, run.labels, metadata)
+    write_status(run.run_dir, status, reason, rounds_completed=metadata["rounds_completed"])
+    return status
 
 
 def feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, run_dir: Path) -> np.ndarray:
@@ -258,88 +305,6 @@ def train_step(
         min_nodes=cfg.min_train_nodes,
         train_config=config,
         frozen=[k for k in arrays if is_lora_a(k)] if ffa else [],
-    )
-
-
-class ClientLog:
-    """Per-client metrics of every round in ``clients.json`` (for spread plots).
-
-    Format: a JSON list of ``{"round", "site", "accuracy", "loss",
-    "num_examples", ...}`` rows, one per client reply, including ``epsilon``
-    when local DP is on.
-    """
-
-    def __init__(self, run_dir: Path, keep_until: int = 0):
-        self.path = run_dir / CLIENTS_JSON
-        old = json.loads(self.path.read_text()) if keep_until and self.path.is_file() else []
-        self.rows: list[dict[str, Any]] = [r for r in old if r["round"] <= keep_until]
-
-    def add(self, outcome: RoundOutcome) -> dict[str, float]:
-        """Append this round's rows; returns summary metrics (ε max/mean)."""
-        epsilons = []
-        for site, msg in zip(outcome.reply_sites, outcome.replies, strict=True):
-            m = reply_metrics(msg)
-            row = {"round": outcome.server_round, "site": site, **m}
-            row["num_examples"] = row.pop(METRIC_NUM_EXAMPLES, 0)
-            self.rows.append(row)
-            if "epsilon" in m:
-                epsilons.append(m["epsilon"])
-        atomic_write_json(self.path, self.rows)
-        if not epsilons:
-            return {}
-        return {"epsilon-max": max(epsilons), "epsilon-mean": sum(epsilons) / len(epsilons)}
-
-
-def _dp_metadata(cfg: RunConfig, history: RunHistory, strategy: Any) -> dict[str, Any]:
-    """What an adapter's reader needs to know about its privacy."""
-    p = cfg.privacy
-    if p.dp_mode == "none":
-        return {"mechanism": "none"}
-    eps = [r.extra for r in history.records if r.extra]
-    if p.dp_mode == "local":
-        return {
-            "mechanism": "local DP-SGD (Opacus), per-example clipping at each node",
-            "max_grad_norm": p.dp_max_grad_norm,
-            "noise_multiplier": p.dp_noise_multiplier or "derived from target epsilon",
-            "target_epsilon_per_client": p.dp_target_epsilon or None,
-            "accountant": p.dp_accountant,
-            # Logit adjustment releases noisy label counts each round (accounted).
-            "label_count_noise": p.dp_label_noise if cfg.train.logit_adjustment > 0 else None,
-            "delta": "set by each node (node config)",
-            "epsilon_spent_max_over_clients": max(
-                (e.get("epsilon-max", 0.0) for e in eps), default=None
-            ),
-        }
-    return {
-        "mechanism": f"central user-level DP ({p.dp_mode}, Flower DP wrapper)",
-        "clipping_norm": p.dp_max_grad_norm,
-        "noise_multiplier": p.dp_noise_multiplier,
-        "delta": p.dp_delta,
-        "epsilon_user_level": central_epsilon(strategy),
-        "accounting": "RDP, no sampling amplification"
-        if p.dp_mode.endswith("fixed")
-        else "not accounted (adaptive clipping)",
-    }
-
-
-def _record(outcome: RoundOutcome) -> RoundRecord:
-    g, t, e = outcome.global_metrics, outcome.train_metrics, outcome.eval_metrics
-    extra = {k: v for k, v in t.items() if k not in (METRIC_LOSS, METRIC_ACCURACY)}
-    return RoundRecord(
-        round=outcome.server_round,
-        global_loss=g.get(METRIC_LOSS),
-        global_accuracy=g.get(METRIC_ACCURACY),
-        train_loss=t.get(METRIC_LOSS),
-        train_accuracy=t.get(METRIC_ACCURACY),
-        federated_loss=e.get(METRIC_LOSS),
-        federated_accuracy=e.get(METRIC_ACCURACY),
-        clients_sampled=outcome.sampled,
-        clients_ok=outcome.ok,
-        clients_failed=len(outcome.failures),
-        bytes_uploaded=outcome.bytes_uploaded,
-        seconds=round(outcome.seconds, 3),
-        extra=extra,
-        failures=outcome.failures,
     )
 
 

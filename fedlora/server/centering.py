@@ -49,43 +49,7 @@ def measure_feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig) -> n
     ]
     replies = grid.send_and_receive(messages, timeout=max(cfg.round_timeout, 60.0))
     ok, failures = split_replies(replies, nodes, sites, sent=messages)
-    keys = frozenset({KEY_FEATURE_SUM, KEY_FEATURE_COUNT})
-    checked = []
-    for m in ok:
-        try:
-            reason = check_statistics_reply(m, STATS_RECORD, keys)
-        except Exception as exc:  # a reply no check foresaw: drop it, say why
-            reason = f"reply could not be checked ({type(exc).__name__})"
-        if reason is None and m.content.array_records[STATS_RECORD][KEY_FEATURE_COUNT].shape != (
-            1,
-        ):
-            reason = "feature-count must hold one number"
-        if reason is None:
-            checked.append(m)
-        else:
-            failures.append(f"{sites.key(m.metadata.src_node_id)}: statistics rejected: {reason}")
-    sizes = {m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape for m in checked}
-    if len(sizes) > 1:
-        # Sums of different lengths cannot be combined: keep the most common.
-        common = max(
-            sizes,
-            key=lambda s: sum(
-                m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape == s for m in checked
-            ),
-        )
-        for m in checked:
-            if m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape != common:
-                failures.append(
-                    f"{sites.key(m.metadata.src_node_id)}: statistics rejected: sum of shape "
-                    f"{m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape}, "
-                    f"others {common}"
-                )
-        checked = [
-            m
-            for m in checked
-            if m.content.array_records[STATS_RECORD][KEY_FEATURE_SUM].shape == common
-        ]
-    ok = checked
+    ok = _checked_statistics(ok, sites, failures)
     for line in failures:
         log.warning("feature statistics: %s", line)
     if len(ok) < cfg.min_train_nodes:
@@ -117,6 +81,37 @@ def measure_feature_center(grid: Grid, arrays: ArrayRecord, cfg: RunConfig) -> n
                 int(counts),
             )
     return center
+
+
+def _checked_statistics(
+    replies: list[Message], sites: SiteRegistry, failures: list[str]
+) -> list[Message]:
+    """The replies whose statistics are sound, all with one sum shape; a line
+    in ``failures`` for every other one."""
+    keys = frozenset({KEY_FEATURE_SUM, KEY_FEATURE_COUNT})
+    checked: list[tuple[Message, tuple[int, ...]]] = []
+    for m in replies:
+        try:
+            reason = check_statistics_reply(m, STATS_RECORD, keys)
+            record = m.content.array_records[STATS_RECORD]
+            if reason is None and record[KEY_FEATURE_COUNT].shape != (1,):
+                reason = "feature-count must hold one number"
+        except Exception as exc:  # a reply no check foresaw: drop it, say why
+            reason = f"reply could not be checked ({type(exc).__name__})"
+        if reason is None:
+            checked.append((m, tuple(record[KEY_FEATURE_SUM].shape)))
+        else:
+            failures.append(f"{sites.key(m.metadata.src_node_id)}: statistics rejected: {reason}")
+    shapes = [shape for _m, shape in checked]
+    # Sums of different lengths cannot be combined: keep the most common.
+    common = max(set(shapes), key=shapes.count) if shapes else ()
+    for m, shape in checked:
+        if shape != common:
+            failures.append(
+                f"{sites.key(m.metadata.src_node_id)}: statistics rejected: sum of shape "
+                f"{shape}, others {common}"
+            )
+    return [m for m, shape in checked if shape == common]
 
 
 def centre_noise_norm(cfg: RunConfig, nodes: int, features: int, examples: float) -> float:

@@ -191,15 +191,7 @@ def aggregate_exact(
     UpdateRejected
         If an update's keys, shapes, weights or values are invalid.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"lora-rank must be an integer >= 1, got {rank!r}")
-    if not (math.isfinite(scaling) and scaling > 0):
-        raise ConfigError(
-            f"LoRA scaling must be positive and finite, got {scaling!r}; "
-            "it is lora-alpha / lora-rank"
-        )
-    if factors not in ("svd", "mean"):
-        raise ConfigError(f"factors must be 'svd' or 'mean', got {factors!r}")
+    _check_options(rank, scaling, factors)
 
     # A running mean of the plain state (gives the dense keys, and the averaged
     # factors for FedEx's choice, and checks every client has the same keys,
@@ -222,17 +214,7 @@ def aggregate_exact(
     residuals: dict[str, np.ndarray] = {}
     for prefix, (a_key, b_key) in pairs.items():
         m = mean_products[prefix]
-        if factors == "svd":
-            b_g, a_g, _ = factorise(m, rank)
-        else:
-            client_rank = mean_state[a_key].shape[0]
-            if client_rank != rank:
-                raise ConfigError(
-                    f"factors='mean' keeps the clients' rank ({client_rank} for "
-                    f"{prefix!r}) but rank={rank} was asked for; set lora-rank="
-                    f"{client_rank} or use factors='svd'"
-                )
-            b_g, a_g = mean_state[b_key], mean_state[a_key]
+        b_g, a_g = _global_factors(m, mean_state, prefix, a_key, b_key, rank, factors)
         out[a_key], out[b_key] = a_g, b_g
         # Measured from the float32 factors actually sent, not the SVD's
         # singular values, so the number is what clients will really see.
@@ -242,3 +224,39 @@ def aggregate_exact(
         if residual:
             residuals[prefix] = dropped.astype(np.float32)
     return ExactAggregate(out, errors, norms, residuals)
+
+
+def _check_options(rank: int, scaling: float, factors: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"lora-rank must be an integer >= 1, got {rank!r}")
+    if not (math.isfinite(scaling) and scaling > 0):
+        raise ConfigError(
+            f"LoRA scaling must be positive and finite, got {scaling!r}; "
+            "it is lora-alpha / lora-rank"
+        )
+    if factors not in ("svd", "mean"):
+        raise ConfigError(f"factors must be 'svd' or 'mean', got {factors!r}")
+
+
+def _global_factors(
+    m: np.ndarray,
+    mean_state: State,
+    prefix: str,
+    a_key: str,
+    b_key: str,
+    rank: int,
+    factors: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, A) of one module: the best rank-``rank`` factors of the mean
+    product ``m`` (``svd``), or the averaged factors (``mean``, FedEx-LoRA)."""
+    if factors == "svd":
+        b_g, a_g, _ = factorise(m, rank)
+        return b_g, a_g
+    client_rank = mean_state[a_key].shape[0]
+    if client_rank != rank:
+        raise ConfigError(
+            f"factors='mean' keeps the clients' rank ({client_rank} for "
+            f"{prefix!r}) but rank={rank} was asked for; set lora-rank="
+            f"{client_rank} or use factors='svd'"
+        )
+    return mean_state[b_key], mean_state[a_key]
