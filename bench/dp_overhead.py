@@ -25,7 +25,8 @@ from fedlora.config import LoraSettings
 from fedlora.data.sources import load_bbc_news
 from fedlora.models.batches import collate, encode
 from fedlora.models.loading import build_model, load_tokenizer
-from fedlora.privacy.dpsgd import DPConfig, make_private
+from fedlora.privacy.dpsgd import make_private
+from fedlora.privacy.settings import DPConfig
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> float:

@@ -33,7 +33,8 @@ from fedlora.models.batches import encode, make_loader
 from fedlora.models.inference import evaluate
 from fedlora.models.loading import build_model, load_tokenizer
 from fedlora.privacy.accounting import noise_multiplier_for, steps_per_round
-from fedlora.privacy.dpsgd import DPConfig, make_private
+from fedlora.privacy.dpsgd import make_private
+from fedlora.privacy.settings import DPConfig
 
 # name -> (pooling, optimizer, learning rate, batch size, trained tensors, LoRA rank);
 # trained tensors: "all" (LoRA A, B and head), "ffa" (A frozen), "head" (head only)

@@ -22,15 +22,13 @@ from fedlora.models.adapter import set_lora_a_trainable
 from fedlora.models.pooling import install_pooling
 from fedlora.privacy.accounting import epsilon, steps_per_round
 from fedlora.privacy.dpsgd import (
-    GRAD_SAMPLE_MODES,
-    DPConfig,
     ReproducibleNoiseWarning,
     empty_batch_step,
     make_private,
-    recipe_advice,
     resolve_noise_multiplier,
     trainable_device,
 )
+from fedlora.privacy.settings import GRAD_SAMPLE_MODES, DPConfig, recipe_advice
 
 DEVICE = torch.device("cpu")
 

@@ -12,12 +12,8 @@ import pytest
 
 from fedlora.errors import ConfigError, DataError, PrivacyBudgetExceeded, PrivacyError
 from fedlora.privacy.accounting import epsilon
-from fedlora.privacy.ledger import (
-    BudgetExceeded,
-    PrivacyLedger,
-    dataset_fingerprint,
-    ledger_key,
-)
+from fedlora.privacy.ledger import BudgetExceeded, PrivacyLedger
+from fedlora.privacy.ledger_files import dataset_fingerprint, ledger_key
 
 ROUND = (1.0, 0.05, 40)  # noise multiplier, sample rate, steps
 FP = "sha256:" + "ab" * 32

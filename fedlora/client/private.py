@@ -34,9 +34,10 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, PrivacyError
 from fedlora.models.batches import EncodedDataset, make_loader
 from fedlora.privacy.accounting import HistoryEntry, noise_multiplier_for, steps_per_round
-from fedlora.privacy.dpsgd import DPConfig, make_private, round_generators
+from fedlora.privacy.dpsgd import make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.releases import DEFAULT_PUBLIC_EXAMPLES
+from fedlora.privacy.settings import DPConfig
 from fedlora.protocol import (
     METRIC_DELTA,
     METRIC_EPSILON,

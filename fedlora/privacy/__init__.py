@@ -13,22 +13,15 @@ from fedlora.privacy.accounting import (
     steps_per_round,
 )
 from fedlora.privacy.dpsgd import (
-    GRAD_SAMPLE_MODES,
-    DPConfig,
     PrivateTraining,
     ReproducibleNoiseWarning,
     make_private,
     resolve_noise_multiplier,
     trainable_device,
 )
-from fedlora.privacy.ledger import (
-    LEDGER_VERSION,
-    BudgetExceeded,
-    LedgerRound,
-    PrivacyLedger,
-    dataset_fingerprint,
-    ledger_key,
-)
+from fedlora.privacy.ledger import LEDGER_VERSION, BudgetExceeded, LedgerRound, PrivacyLedger
+from fedlora.privacy.ledger_files import dataset_fingerprint, ledger_key
+from fedlora.privacy.settings import GRAD_SAMPLE_MODES, DPConfig
 
 __all__ = [
     "ACCOUNTANTS",

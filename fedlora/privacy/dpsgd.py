@@ -60,7 +60,7 @@ import math
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,112 +71,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.errors import ConfigError, PrivacyError
-from fedlora.privacy.accounting import ACCOUNTANTS, noise_multiplier_for
-from fedlora.protocol import NODE_ACCOUNTANT, NODE_DELTA
+from fedlora.privacy.accounting import noise_multiplier_for
+from fedlora.privacy.settings import GRAD_SAMPLE_MODES, DPConfig
 
 logger = logging.getLogger(__name__)
-
-#: Opacus per-sample gradient modes a node may choose.
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ghost")
 
 
 class ReproducibleNoiseWarning(UserWarning):
     """DP noise comes from a seeded generator: fine in tests, not in production."""
-
-
-def _option(default: Any, key: str, text: str) -> Any:
-    return field(default=default, metadata={"key": key, "help": text})
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """How a node runs DP-SGD. Set exactly one of ``noise_multiplier`` or
-    ``target_epsilon``; field metadata holds each config key and its help."""
-
-    noise_multiplier: float | None = _option(
-        None, "privacy-noise-multiplier", "Noise std / max-grad-norm; > 0."
-    )
-    target_epsilon: float | None = _option(
-        None, "privacy-target-epsilon", "Epsilon of the run; sets the noise."
-    )
-    max_grad_norm: float = _option(
-        1.0, "privacy-max-grad-norm", "L2 bound each example's gradient is clipped to."
-    )
-    delta: float = _option(1e-5, NODE_DELTA, "Delta; below 1/examples.")
-    accountant: str = _option("rdp", NODE_ACCOUNTANT, "One of ACCOUNTANTS.")
-    grad_sample_mode: str = _option(
-        "hooks", "privacy-grad-sample-mode", "Opacus per-sample gradient mode."
-    )
-    poisson_sampling: bool = _option(
-        True, "privacy-poisson-sampling", "Poisson batches, as accountants assume."
-    )
-    secure_rng: bool = _option(True, "privacy-secure-rng", "OS-seeded noise; false only in tests.")
-
-    def __post_init__(self) -> None:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError(
-                f"set exactly one of privacy-noise-multiplier (got "
-                f"{self.noise_multiplier!r}) and privacy-target-epsilon (got "
-                f"{self.target_epsilon!r})"
-            )
-        for name in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
-            value = getattr(self, name)
-            if value is not None and not _positive(value):
-                raise ConfigError(
-                    f"{_key(name)}={value!r} is not allowed; it must be a finite number > 0"
-                )
-        if not (_positive(self.delta) and self.delta < 1):
-            raise ConfigError(
-                f"privacy-delta={self.delta!r} is not allowed; it must be in "
-                "(0, 1), typically below 1/number-of-examples"
-            )
-        for name, allowed in (
-            ("accountant", ACCOUNTANTS),
-            ("grad_sample_mode", GRAD_SAMPLE_MODES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"{_key(name)}={getattr(self, name)!r} is not allowed; "
-                    f"allowed: {', '.join(allowed)}"
-                )
-        for name in ("poisson_sampling", "secure_rng"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(
-                    f"{_key(name)}={getattr(self, name)!r} is not allowed; allowed: true, false"
-                )
-
-
-def _key(name: str) -> str:
-    return next(str(f.metadata["key"]) for f in fields(DPConfig) if f.name == name)
-
-
-def _positive(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value) and value > 0
-
-
-def recipe_advice(optimizer: str, trains_lora_a: bool) -> list[str]:
-    """What in a local-DP recipe is known to cost accuracy, one line each (empty: nothing).
-
-    A warning, not an error: the run is private either way, only likely to
-    learn less. Measured on Rotten Tomatoes at ε=8 (docs/RESULTS.md): AdamW
-    predicted the majority class in every configuration tried; training A
-    as well as B (FedAvg instead of FFA-LoRA) left the private run 7.6 points
-    behind the non-private one instead of 5.0 (same seed).
-    """
-    advice = []
-    if optimizer == "adamw":
-        advice.append(
-            "dp-mode=local with optimizer=adamw: Adam rescales every coordinate, so "
-            "noise-only coordinates random-walk and private runs tend to learn nothing; "
-            "use optimizer=sgd (README's DP recipe: strategy=ffa-lora optimizer=sgd "
-            "learning-rate=4.0 batch-size=128)"
-        )
-    if trains_lora_a:
-        advice.append(
-            "dp-mode=local trains LoRA A and B: noise lands on twice the coordinates; "
-            "strategy=ffa-lora (A frozen) learned more at the same epsilon (docs/RESULTS.md)"
-        )
-    return advice
 
 
 def resolve_noise_multiplier(
@@ -277,26 +179,8 @@ def make_private(
         If DP-SGD cannot be applied as configured; never falls back to
         training without it.
     """
-    if type(noise_multiplier) not in (int, float) or not (
-        math.isfinite(noise_multiplier) and noise_multiplier >= 0
-    ):
-        raise ConfigError(f"noise_multiplier={noise_multiplier!r} must be >= 0")
-    if noise_multiplier == 0:
-        warnings.warn(
-            "noise_multiplier=0: gradients are clipped but not noised, so this "
-            "training has no differential privacy (epsilon is infinite)",
-            UserWarning,
-            stacklevel=2,
-        )
+    _check_inputs(model, optimizer, noise_multiplier)
     device = trainable_device(model)
-    _check_optimizer(model, optimizer)
-    problems = ModuleValidator.validate(model, strict=False)
-    if problems:
-        raise PrivacyError(
-            f"Opacus cannot train this model privately: {problems}. Call "
-            "model.train(), and freeze or replace (ModuleValidator.fix) the "
-            "modules named"
-        )
     noise_rng, sampling_rng = round_generators(device, config.secure_rng, generator)
     source = data_loader
     if config.poisson_sampling:
@@ -341,6 +225,31 @@ def make_private(
         # Noise robust to the floating-point attack; needs no torchcsprng.
         dp_optimizer.secure_mode = True
     return PrivateTraining(dp_model, dp_optimizer, dp_loader, engine, loss)
+
+
+def _check_inputs(
+    model: nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float
+) -> None:
+    """Refuse what DP-SGD cannot protect (fail closed); warn on no noise."""
+    if type(noise_multiplier) not in (int, float) or not (
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0
+    ):
+        raise ConfigError(f"noise_multiplier={noise_multiplier!r} must be >= 0")
+    if noise_multiplier == 0:
+        warnings.warn(
+            "noise_multiplier=0: gradients are clipped but not noised, so this "
+            "training has no differential privacy (epsilon is infinite)",
+            UserWarning,
+            stacklevel=3,
+        )
+    _check_optimizer(model, optimizer)
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise PrivacyError(
+            f"Opacus cannot train this model privately: {problems}. Call "
+            "model.train(), and freeze or replace (ModuleValidator.fix) the "
+            "modules named"
+        )
 
 
 def empty_batch_step(optimizer: torch.optim.Optimizer) -> bool:

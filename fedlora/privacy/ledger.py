@@ -24,24 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from fedlora.errors import ConfigError, DataError, PrivacyBudgetExceeded, PrivacyError
+from fedlora.errors import ConfigError, PrivacyBudgetExceeded, PrivacyError
 from fedlora.io import atomic_write_text
 from fedlora.privacy.accounting import HistoryEntry, epsilon
-
-if sys.platform != "win32":
-    import fcntl
+from fedlora.privacy.ledger_files import exclusive, ledger_key, typed_fields
 
 LEDGER_VERSION = 1
-_CHUNK = 1 << 20
 
 
 class BudgetExceeded(PrivacyBudgetExceeded):
@@ -63,38 +58,6 @@ class BudgetExceeded(PrivacyBudgetExceeded):
         return (type(self), (self.spent, self.cap, self.projected))
 
 
-def ledger_key(federation: str, dataset_fingerprint: str) -> str:
-    """Return the file-name-safe key of a ``(federation, dataset)`` ledger.
-
-    The pair is JSON-encoded before hashing, so ``("a|b", "c")`` and
-    ``("a", "b|c")`` cannot collide."""
-    if not all(isinstance(v, str) and v for v in (federation, dataset_fingerprint)):
-        raise ConfigError(
-            f"federation={federation!r} and dataset_fingerprint="
-            f"{dataset_fingerprint!r} must both be non-empty strings"
-        )
-    payload = json.dumps(["fedlora-privacy-ledger", federation, dataset_fingerprint])
-    return "ledger-" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def dataset_fingerprint(path: str | os.PathLike[str]) -> str:
-    """Return ``"sha256:<hex>"`` of a data file's bytes, streamed.
-
-    The same bytes give the same ledger wherever the file lives or whatever
-    it is called; any change of content starts a separate ledger. A node
-    training on part of a file should fingerprint its part (for instance the
-    file's fingerprint plus its partition id), not the whole file.
-    """
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                digest.update(chunk)
-    except OSError as err:
-        raise DataError(f"data file {path} cannot be read to fingerprint it: {err}") from err
-    return "sha256:" + digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class LedgerRound:
     """One release of a round as recorded in a ledger: its DP-SGD steps, or
@@ -110,15 +73,6 @@ class LedgerRound:
     @property
     def history_entry(self) -> HistoryEntry:
         return (self.noise_multiplier, self.sample_rate, self.steps)
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Serialise ledger updates between processes on this machine (POSIX)."""
-    with open(path.with_suffix(".lock"), "a", encoding="utf-8") as lock:
-        if sys.platform != "win32":
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released on close
-        yield
 
 
 @dataclass(eq=False)
@@ -180,7 +134,7 @@ class PrivacyLedger:
         path = folder / f"{ledger_key(federation, dataset_fingerprint)}.json"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            lock = _exclusive(path)
+            lock = exclusive(path)
             lock.__enter__()
         except OSError as err:
             raise PrivacyError(
@@ -306,7 +260,7 @@ class PrivacyLedger:
         )
         rounds = (*self.rounds, entry)
         try:
-            lock = _exclusive(self.path)
+            lock = exclusive(self.path)
             lock.__enter__()
         except OSError as err:
             raise PrivacyError(
@@ -370,7 +324,7 @@ class PrivacyLedger:
                 f"{where} is not a version-{LEDGER_VERSION} fedlora ledger; "
                 "restore it, or use the fedlora version that wrote it"
             )
-        top = _typed(state, _LEDGER_FIELDS, where)
+        top = typed_fields(state, _LEDGER_FIELDS, where)
         fed, fingerprint = top["federation"], top["dataset_fingerprint"]
         if top["key"] != ledger_key(fed, fingerprint):
             raise PrivacyError(
@@ -378,7 +332,7 @@ class PrivacyLedger:
                 "dataset; the file was edited or copied by hand"
             )
         rounds = tuple(
-            LedgerRound(**_typed(r, _ROUND_FIELDS, f"{where}, round {i}"))
+            LedgerRound(**typed_fields(r, _ROUND_FIELDS, f"{where}, round {i}"))
             for i, r in enumerate(top["rounds"])
         )
         try:
@@ -401,19 +355,3 @@ _LEDGER_FIELDS: dict[str, type] = {
     "epsilon_spent": float,
 }
 _ROUND_FIELDS: dict[str, type] = get_type_hints(LedgerRound)
-
-
-def _typed(raw: Any, types: Mapping[str, type], where: str) -> dict[str, Any]:
-    """Return ``raw`` as a dict after checking it has exactly these typed fields."""
-    if not isinstance(raw, Mapping) or set(raw) != set(types):
-        got = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
-        raise PrivacyError(f"{where} must have the fields {sorted(types)}; got {got}")
-    out = {}
-    for name, kind in types.items():
-        value = raw[name]
-        if kind is float and type(value) is int:
-            value = float(value)  # JSON writes 1.0 as 1 in some tools
-        if type(value) is not kind:
-            raise PrivacyError(f"{where}: {name}={value!r} is not a {kind.__name__}")
-        out[name] = value
-    return out

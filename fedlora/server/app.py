@@ -39,7 +39,7 @@ from fedlora.models.loading import load_tokenizer, resolve_model_path
 from fedlora.models.pooling import resolve_pooling, set_feature_center
 from fedlora.models.task import get_task
 from fedlora.privacy.central import central_epsilon, wrap_central
-from fedlora.privacy.dpsgd import recipe_advice
+from fedlora.privacy.settings import recipe_advice
 from fedlora.protocol import (
     ARRAYS_KEY,
     KEY_FEATURE_CENTER,
