@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedlora.config import LoraSettings
 from fedlora.models.adapter import adapter_state
 from fedlora.models.loading import build_model, default_model_path
 from fedlora.records import payload_bytes, state_to_arrays
+from fedlora.settings import LoraSettings
 
 
 def main() -> None:

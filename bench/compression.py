@@ -30,10 +30,10 @@ import numpy as np
 
 from fedlora.compression import CompressionScheme, encode
 from fedlora.compression import payload_bytes as data_bytes
-from fedlora.config import LoraSettings
 from fedlora.models.adapter import adapter_state
 from fedlora.models.loading import build_model, resolve_model_path
 from fedlora.records import payload_bytes, state_to_arrays
+from fedlora.settings import LoraSettings
 from fedlora.strategies.compressed import encoded_record
 
 CODECS = {

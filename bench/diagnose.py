@@ -46,7 +46,7 @@ import torch
 
 from fedlora.client.private import NodePrivacy, round_noise
 from fedlora.client.train import label_log_prior
-from fedlora.config import DataSettings, RunConfig
+from fedlora.config import RunConfig
 from fedlora.data.partition import client_partition, simulation_split
 from fedlora.data.sources import TextDataset
 from fedlora.models.adapter import load_exported
@@ -55,6 +55,7 @@ from fedlora.models.centering import clip_rows, combine, sum_clip
 from fedlora.models.inference import predict_proba
 from fedlora.models.loading import load_tokenizer, resolve_model_path
 from fedlora.privacy.accounting import steps_per_round
+from fedlora.settings import DataSettings
 
 
 def pooled_layers(data: TextDataset, seq: int) -> torch.Tensor:

@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedlora.client.train import trainable_parameters
-from fedlora.config import LoraSettings
 from fedlora.data.sources import load_bbc_news
 from fedlora.models.batches import collate, encode
 from fedlora.models.loading import build_model, load_tokenizer
 from fedlora.privacy.dpsgd import make_private
 from fedlora.privacy.settings import DPConfig
+from fedlora.settings import LoraSettings
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> float:

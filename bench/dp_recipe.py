@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from fedlora.client.train import make_optimizer, train_epochs
-from fedlora.config import LoraSettings, TrainSettings
 from fedlora.data.sources import TextDataset, load_demo
 from fedlora.models.batches import encode, make_loader
 from fedlora.models.inference import evaluate
@@ -35,6 +34,7 @@ from fedlora.models.loading import build_model, load_tokenizer
 from fedlora.privacy.accounting import noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import make_private
 from fedlora.privacy.settings import DPConfig
+from fedlora.settings import LoraSettings, TrainSettings
 
 # name -> (pooling, optimizer, learning rate, batch size, trained tensors, LoRA rank);
 # trained tensors: "all" (LoRA A, B and head), "ffa" (A frozen), "head" (head only)

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.config import LoraSettings
 from fedlora.models.adapter import adapter_state_shapes
 from fedlora.models.loading import build_model, default_model_path
 from fedlora.records import is_lora_a
+from fedlora.settings import LoraSettings
 from fedlora.strategies.math.exact import aggregate_exact
 from fedlora.strategies.math.ffa import aggregate_ffa
 from fedlora.strategies.math.lora import RunningMean

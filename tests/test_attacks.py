@@ -9,12 +9,13 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedlora.client.modes import node_mode
-from fedlora.config import LoraSettings, RunConfig
+from fedlora.config import RunConfig
 from fedlora.data.labels import LabelSpace
 from fedlora.data.sources import TextDataset
 from fedlora.errors import ConfigError
 from fedlora.models.adapter import adapter_state, set_lora_a_trainable, trainable_state
 from fedlora.models.loading import build_model
+from fedlora.settings import LoraSettings
 from fedlora.simulations.attacks import (
     flip_labels,
     malicious_partitions,

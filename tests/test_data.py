@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.config import DataSettings
 from fedlora.data.labels import LabelSpace
 from fedlora.data.partition import check_partitioner, client_partition, stratified_split
 from fedlora.data.sources import load_bbc_news, load_rotten_tomatoes, load_table
 from fedlora.errors import ConfigError, DataError
+from fedlora.settings import DataSettings
 
 SPACE = LabelSpace.of(["cardiology", "neurology", "oncology"])
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.config import LoraSettings
 from fedlora.data.sources import load_table
 from fedlora.models.adapter import adapter_state, load_adapter_state
 from fedlora.models.batches import encode
 from fedlora.models.inference import evaluate, predict_proba
 from fedlora.models.loading import build_model, load_tokenizer
 from fedlora.server.ensemble import EnsembleEvaluator
+from fedlora.settings import LoraSettings
 
 
 def _setup(tiny_model_dir: Path, text_csv: Path):

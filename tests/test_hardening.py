@@ -56,9 +56,9 @@ def test_a_changed_checkpoint_is_named_and_not_unpickled(
 def test_a_non_finite_state_is_never_checkpointed_or_exported(
     tmp_path: Path, text_csv: Path, tiny_model_dir: Path
 ) -> None:
-    from fedlora.config import LoraSettings
     from fedlora.models.adapter import adapter_state, export_adapter
     from fedlora.models.loading import build_model
+    from fedlora.settings import LoraSettings
 
     cfg = _cfg(tmp_path, text_csv, tiny_model_dir)
     with pytest.raises(ValueError, match="not finite"):

@@ -14,10 +14,11 @@ import pytest
 from conftest import make_text_csv
 
 from fedlora.compression import CompressionScheme, encode
-from fedlora.config import LoraSettings, RunConfig
+from fedlora.config import RunConfig
 from fedlora.models.adapter import adapter_state
 from fedlora.models.loading import build_model
 from fedlora.records import payload_bytes
+from fedlora.settings import LoraSettings
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
 from fedlora.strategies.compressed import encoded_record

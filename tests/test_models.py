@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.config import LoraSettings
 from fedlora.errors import ModelError
 from fedlora.models.adapter import adapter_state, export_adapter, load_adapter_state, load_exported
 from fedlora.models.loading import build_model, resolve_model_path
 from fedlora.models.pooling import MaskedMeanPooler, install_pooling, resolve_pooling
+from fedlora.settings import LoraSettings
 
 LORA = LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
 
@@ -204,7 +204,7 @@ def test_lora_lr_ratio_sets_the_lora_tensors_rate_only(
     tiny_model_dir: Path, optimizer: str
 ) -> None:
     from fedlora.client.train import make_optimizer, trainable_parameters
-    from fedlora.config import TrainSettings
+    from fedlora.settings import TrainSettings
 
     model = build_model(tiny_model_dir, 3, LORA, seed=0)
     settings = TrainSettings(optimizer=optimizer, learning_rate=0.5, lora_lr_ratio=4.0)

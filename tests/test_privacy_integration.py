@@ -13,11 +13,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fedlora import protocol
 from fedlora.client import app as client_app
-from fedlora.config import LoraSettings
 from fedlora.models.adapter import adapter_state
 from fedlora.models.loading import build_model
 from fedlora.privacy.accounting import epsilon
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.settings import LoraSettings
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
 

@@ -271,9 +271,9 @@ def test_node_requiring_secagg_refuses_a_plain_training_request() -> None:
 
 @pytest.mark.usefixtures("flower_task")
 def test_fedlora_training_runs_inside_the_protocol(tiny_model_dir: Path, text_csv: Path) -> None:
-    from fedlora.config import LoraSettings
     from fedlora.models.adapter import adapter_state
     from fedlora.models.loading import build_model
+    from fedlora.settings import LoraSettings
 
     run_config = {
         "model-path": str(tiny_model_dir),

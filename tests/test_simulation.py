@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.config import LoraSettings
 from fedlora.models.adapter import adapter_state, load_adapter_state
 from fedlora.models.loading import build_model
+from fedlora.settings import LoraSettings
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config
 

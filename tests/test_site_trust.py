@@ -15,12 +15,13 @@ from fedlora import protocol
 from fedlora.client import app as client_app
 from fedlora.client.private import open_ledger, precheck
 from fedlora.client.secagg import check_setup
-from fedlora.config import ConfigError, LoraSettings, RunConfig
+from fedlora.config import ConfigError, RunConfig
 from fedlora.models.adapter import adapter_state
 from fedlora.models.loading import build_model
 from fedlora.privacy.accounting import epsilon
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.releases import LOCAL_DP_TRAIN_METRICS
+from fedlora.settings import LoraSettings
 from fedlora.simulations.tiny import LABELS, tiny_run_config
 
 

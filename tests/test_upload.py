@@ -8,10 +8,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedlora.client.upload import FEEDBACK_STATE_KEY, build_upload
 from fedlora.compression import CompressionScheme, decode, encode
-from fedlora.config import TrainSettings
 from fedlora.errors import ConfigError
 from fedlora.protocol import ARRAYS_KEY, METRIC_NUM_EXAMPLES
 from fedlora.records import payload_bytes
+from fedlora.settings import TrainSettings
 from fedlora.strategies.compressed import CompressedUpdates, record_state
 from fedlora.strategies.registry import build_strategy
 

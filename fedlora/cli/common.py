@@ -7,15 +7,24 @@ user's scripts test these; they never change meaning.
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 import tomllib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from fedlora.errors import ConfigError, FedloraError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+FLWR_HOME_DIR = "flwr-home"  # the flwr CLI's config folder inside a state folder
+
+CaCert = Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate (ca.crt).")]
+PrintCommand = Annotated[
+    bool, typer.Option("--print-command", help="Print the command instead of running it.")
+]
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -49,3 +58,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[key] = raw  # bare strings need no quotes on the command line
     return out
+
+
+def exec_or_print(command: list[str], env: dict[str, str], cwd: Path, print_only: bool) -> None:
+    """Replace this process with ``command`` (or print it, for a service unit)."""
+    if print_only:
+        typer.echo(f"cd {shlex.quote(str(cwd))} && {shlex.join(command)}")
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(cwd)
+    # exec, not a child: the service manager's SIGTERM must reach the Flower process.
+    os.execve(command[0], command, env)

@@ -19,8 +19,6 @@ Exit codes (as ``fedlora simulate``): 0 completed, 1 failed, 2 bad input,
 
 from __future__ import annotations
 
-import os
-import shlex
 import subprocess
 import sys
 import time
@@ -33,13 +31,18 @@ from fedlora.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_STOPPED,
+    FLWR_HOME_DIR,
+    CaCert,
+    PrintCommand,
+    exec_or_print,
     fail,
     parse_overrides,
 )
+from fedlora.cli.node import node
 from fedlora.deploy import certs as certs_lib
 from fedlora.deploy import flower as deploy
 from fedlora.deploy import flwr_cli, preflight
-from fedlora.errors import ConfigError, FedloraError
+from fedlora.errors import FedloraError
 
 app = typer.Typer(
     add_completion=False,
@@ -53,7 +56,6 @@ DEFAULT_SUPERLINK = f"{deploy.LOOPBACK}:{deploy.DEFAULT_SUPERLINK_PORT}"
 DEFAULT_CLI_HOME = Path("~/.fedlora/cli")
 DEFAULT_SERVER_STATE = Path("~/.fedlora/server")
 DATABASE_FILE = "superlink.db"
-FLWR_HOME_DIR = "flwr-home"
 
 Superlink = Annotated[
     str,
@@ -61,25 +63,10 @@ Superlink = Annotated[
         help="SuperLink address HOST:PORT; HOST must be in the server cert's --host list."
     ),
 ]
-CaCert = Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate (ca.crt).")]
 FlwrHome = Annotated[
     Path, typer.Option(help="Folder for the flwr CLI's connection config (FLWR_HOME).")
 ]
 Connection = Annotated[str, typer.Option(help="Name of the SuperLink connection in FLWR_HOME.")]
-PrintCommand = Annotated[
-    bool, typer.Option("--print-command", help="Print the command instead of running it.")
-]
-
-
-def _exec(command: list[str], env: dict[str, str], cwd: Path, print_only: bool) -> None:
-    if print_only:
-        typer.echo(f"cd {shlex.quote(str(cwd))} && {shlex.join(command)}")
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.chdir(cwd)
-    # exec, not a child: the service manager's SIGTERM must reach the Flower process.
-    os.execve(command[0], command, env)
 
 
 # ------------------------------------------------------------------- certs
@@ -169,7 +156,7 @@ def server(
                 fg=typer.colors.YELLOW,
                 err=True,
             )
-    _exec(command, flwr_cli.flower_env(state / FLWR_HOME_DIR), state, print_command)
+    exec_or_print(command, flwr_cli.flower_env(state / FLWR_HOME_DIR), state, print_command)
 
 
 # ---------------------------------------------------------------- register
@@ -207,116 +194,7 @@ def register(
     raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
 
 
-# -------------------------------------------------------------------- node
-
-
-@app.command()
-def node(
-    superlink: Annotated[
-        str, typer.Option(help="The server's HOST:PORT, as given by the operator.")
-    ],
-    ca: CaCert,
-    key: Annotated[
-        Path, typer.Option(help="This node's private key (nodes/<name>.key) from the operator.")
-    ],
-    data_path: Annotated[Path, typer.Option(help="This site's CSV/JSONL/Parquet file.")],
-    site_name: Annotated[
-        str, typer.Option(help="A stable name for this site (default: the key's file name).")
-    ] = "",
-    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
-    label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
-    labels: Annotated[
-        str,
-        typer.Option(help="The federation's labels 'a,b,c': read the file now, check every row."),
-    ] = "",
-    privacy_epsilon_cap: Annotated[
-        float | None, typer.Option(help="Most ε this site's data may ever spend (local DP).")
-    ] = None,
-    privacy_delta: Annotated[float | None, typer.Option(help="δ for this site's ledger.")] = None,
-    privacy_ledger_dir: Annotated[
-        Path | None, typer.Option(help="Persistent folder for this site's privacy ledger.")
-    ] = None,
-    require_secagg: Annotated[
-        bool, typer.Option(help="Refuse plain training: this site only joins SecAgg+ rounds.")
-    ] = False,
-    runtime_port: Annotated[
-        int, typer.Option(help="Local port (127.0.0.1) for the node's app runtime.")
-    ] = deploy.DEFAULT_SUPERNODE_PORT,
-    state_dir: Annotated[
-        Path | None, typer.Option(help="Where the node keeps installed apps.")
-    ] = None,
-    max_retries: Annotated[
-        int | None, typer.Option(help="Give up after this many reconnection attempts.")
-    ] = None,
-    max_wait_time: Annotated[
-        float | None, typer.Option(help="Give up reconnecting after this many seconds.")
-    ] = None,
-    trusted_apps: Annotated[
-        Path | None,
-        typer.Option(
-            help="This site's trust file: 'sha256:<digest>' lines (fedlora app-digest) and "
-            "'ed25519:<name>:<key>' signer lines. The node runs no other app."
-        ),
-    ] = None,
-    trust_any_app: Annotated[
-        bool,
-        typer.Option(help="Run whatever app the server submits (not for real sites)."),
-    ] = False,
-    print_command: PrintCommand = False,
-) -> None:
-    """Start this site's node; refuses to start while a file or setting is wrong."""
-    from fedlora.app_trust import TrustPolicy
-
-    try:
-        if trusted_apps is None and not trust_any_app:
-            raise ConfigError(
-                "give --trusted-apps FILE (the apps this site's IT approved; "
-                "`fedlora app-digest` prints an app's digest) so the node runs no other "
-                "code, or --trust-any-app to run whatever the server submits"
-            )
-        if trusted_apps is not None:
-            trusted_apps = trusted_apps.expanduser().resolve()
-            TrustPolicy.load(trusted_apps)  # a bad file fails now, not at the first round
-        node_config, notes = preflight.check_node_inputs(
-            ca=ca,
-            key=key,
-            data_path=data_path,
-            text_column=text_column,
-            label_column=label_column,
-            labels=labels,
-            site_name=site_name or key.stem,
-            privacy=(privacy_epsilon_cap, privacy_delta, privacy_ledger_dir),
-        )
-        for note in notes:
-            typer.echo(note, err=True)
-        if require_secagg:
-            node_config["require-secagg"] = True
-        command = deploy.supernode_command(
-            superlink=superlink,
-            root_certificates=ca,
-            auth_private_key=key,
-            node_config=node_config,
-            runtime_port=runtime_port,
-            max_retries=max_retries,
-            max_wait_time=max_wait_time,
-        )
-    except FedloraError as exc:
-        fail(f"node not started: {exc}")
-    state = (state_dir or Path(f"~/.fedlora/node-{node_config['site-name']}")).expanduser()
-    state = state.resolve()
-    if not print_command:
-        state.mkdir(parents=True, exist_ok=True)
-        typer.echo(
-            f"fedlora node {node_config['site-name']}: {data_path} -> {superlink}; only "
-            "adapter tensors and metrics leave this site",
-            err=True,
-        )
-    env = flwr_cli.flower_env(state / FLWR_HOME_DIR)
-    if not print_command:
-        env = deploy.pinned_clientapp_env(env, state / "bin", trusted_apps)
-    elif trust_any_app:
-        typer.echo("warning: --trust-any-app: this node runs any submitted app", err=True)
-    _exec(command, env, state, print_command)
+app.command()(node)
 
 
 # ------------------------------------------------------------- app trust

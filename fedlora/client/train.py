@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fedlora.config import TrainSettings
 from fedlora.errors import DataError
 from fedlora.models.batches import EncodedDataset, make_loader, to_device
 from fedlora.models.task import SEQUENCE_CLASSIFICATION, Task
 from fedlora.privacy.dpsgd import empty_batch_step
+from fedlora.settings import TrainSettings
 
 
 def round_generator(seed: int, server_round: int, site: int) -> torch.Generator:

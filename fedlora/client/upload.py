@@ -25,10 +25,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.compression import CompressionScheme, ErrorFeedback, encode
-from fedlora.config import TrainSettings
 from fedlora.errors import ConfigError
 from fedlora.protocol import KEY_DECODES_COMPRESSED
 from fedlora.records import State, arrays_to_state, state_to_arrays
+from fedlora.settings import TrainSettings
 from fedlora.strategies.compressed import encoded_record
 
 log = logging.getLogger("fedlora.client")

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.config import DataSettings
 from fedlora.data.labels import LabelSpace
 from fedlora.data.sources import TextDataset, load_demo, load_table
 from fedlora.errors import ConfigError, DataError
+from fedlora.settings import DataSettings
 
 PartitionerFactory = Callable[[DataSettings, int, int, int], object]
 

@@ -34,11 +34,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedlora.deploy.keyfiles import (
+    CERTS_COMMAND,
+    check_days,
+    check_node_names,
+    pem_private,
+    refuse_existing,
+    write_private,
+    write_public,
+)
 from fedlora.errors import ConfigError
 
 # How a person recreates these files; deploy.py names it in its errors too.
-CERTS_COMMAND = "fedlora certs"
-
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
@@ -53,7 +60,6 @@ _TLS_CURVE = ec.SECP256R1()
 _NODE_CURVE = ec.SECP384R1()
 # Backdate validity so a node whose clock runs a little behind accepts the cert.
 _CLOCK_SKEW = dt.timedelta(minutes=5)
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -111,8 +117,8 @@ def create_ca(
     """
     out = Path(out_dir)
     cert_path, key_path = out / CA_CERT, out / CA_KEY
-    _refuse_existing([cert_path, key_path], overwrite)
-    _check_days(valid_days)
+    refuse_existing([cert_path, key_path], overwrite)
+    check_days(valid_days)
 
     key = ec.generate_private_key(_TLS_CURVE)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -150,8 +156,8 @@ def create_ca(
         .sign(key, hashes.SHA256())
     )
     out.mkdir(parents=True, exist_ok=True)
-    _write_private(key_path, _pem_private(key), overwrite)
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM), overwrite)
+    write_private(key_path, pem_private(key), overwrite)
+    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM), overwrite)
     return CertificateAuthority(cert, key, cert_path, key_path)
 
 
@@ -209,8 +215,8 @@ def create_server_cert(
     """
     out = Path(out_dir)
     cert_path, key_path = out / SERVER_CERT, out / SERVER_KEY
-    _refuse_existing([cert_path, key_path], overwrite)
-    _check_days(valid_days)
+    refuse_existing([cert_path, key_path], overwrite)
+    check_days(valid_days)
     sans = subject_alt_names(hosts)
 
     key = ec.generate_private_key(_TLS_CURVE)
@@ -253,8 +259,8 @@ def create_server_cert(
         .sign(ca.key, hashes.SHA256())
     )
     out.mkdir(parents=True, exist_ok=True)
-    _write_private(key_path, _pem_private(key), overwrite)
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM), overwrite)
+    write_private(key_path, pem_private(key), overwrite)
+    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM), overwrite)
     return ServerCertificate(cert_path, key_path)
 
 
@@ -275,7 +281,7 @@ def create_node_keys(
     dict[str, NodeKeyPair]
         Key pairs by node name, in the order given.
     """
-    names = _check_node_names(node_names)
+    names = check_node_names(node_names)
     nodes_dir = Path(out_dir) / NODES_DIR
     pairs = {
         name: NodeKeyPair(
@@ -285,7 +291,7 @@ def create_node_keys(
         )
         for name in names
     }
-    _refuse_existing(
+    refuse_existing(
         [p for pair in pairs.values() for p in (pair.private_key_path, pair.public_key_path)],
         overwrite,
     )
@@ -300,8 +306,8 @@ def create_node_keys(
         public = key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
-        _write_private(pair.private_key_path, private, overwrite)
-        _write_public(pair.public_key_path, public + f" {pair.name}\n".encode(), overwrite)
+        write_private(pair.private_key_path, private, overwrite)
+        write_public(pair.public_key_path, public + f" {pair.name}\n".encode(), overwrite)
     return pairs
 
 
@@ -331,13 +337,13 @@ def generate_all(
             "flwr-cli":        root-certificates
     """
     out = Path(out_dir)
-    names = _check_node_names(node_names)
+    names = check_node_names(node_names)
     subject_alt_names(hosts)  # validate before anything is written
     targets = [out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY]
     for name in names:
         targets.append(out / NODES_DIR / f"{name}{PRIVATE_KEY_SUFFIX}")
         targets.append(out / NODES_DIR / f"{name}{PUBLIC_KEY_SUFFIX}")
-    _refuse_existing(targets, overwrite)
+    refuse_existing(targets, overwrite)
 
     ca = create_ca(out, common_name, overwrite=overwrite)
     server = create_server_cert(out, ca, hosts, overwrite=overwrite)
@@ -384,77 +390,3 @@ def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
             )
         sans.append(x509.DNSName(host))
     return sans
-
-
-def _check_node_names(node_names: Iterable[str]) -> list[str]:
-    if isinstance(node_names, str):
-        raise ConfigError(
-            f"node_names={node_names!r} is a string; give a list such as [{node_names!r}]."
-        )
-    names = list(node_names)
-    for name in names:
-        if not _NODE_NAME.match(name):
-            raise ConfigError(
-                f"node name {name!r} is not allowed: it becomes a file name, so use "
-                "1-64 letters, digits, '.', '_' or '-', starting with a letter or "
-                "digit."
-            )
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"node names repeat: {', '.join(duplicates)}; names must be unique.")
-    return names
-
-
-def _check_days(valid_days: int) -> None:
-    if valid_days < 1:
-        raise ConfigError(f"valid_days={valid_days}; give a positive number of days.")
-
-
-def _refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
-    if overwrite:
-        return
-    existing = [str(p) for p in paths if p.exists()]
-    if existing:
-        raise ConfigError(
-            f"refusing to overwrite existing key/certificate file(s): "
-            f"{', '.join(existing)}. Pass overwrite=True (`{CERTS_COMMAND} "
-            "--overwrite`) to replace them; nodes and servers holding the old "
-            "files must then receive the new ones."
-        )
-
-
-def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _write_private(path: Path, data: bytes, overwrite: bool) -> None:
-    # Create the file 0600 in the same call that creates it: a chmod afterwards
-    # leaves a window where another local user could open the key. O_EXCL also
-    # guarantees we never write through a pre-planted file or symlink, so an
-    # allowed overwrite removes the old file first.
-    if overwrite:
-        path.unlink(missing_ok=True)
-    _write_new(path, data, 0o600)
-
-
-def _write_public(path: Path, data: bytes, overwrite: bool) -> None:
-    if overwrite:
-        path.unlink(missing_ok=True)
-    _write_new(path, data, 0o644)
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, mode)
-    except FileExistsError as err:
-        raise ConfigError(
-            f"{path} appeared while writing credentials; another process is "
-            f"writing the same folder. Rerun `{CERTS_COMMAND}` once it is done."
-        ) from err
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)

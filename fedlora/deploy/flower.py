@@ -33,7 +33,7 @@ from typing import Any
 
 import tomli_w
 
-from fedlora.deploy.certs import CERTS_COMMAND
+from fedlora.deploy.keyfiles import CERTS_COMMAND
 from fedlora.errors import ConfigError, FedloraError
 
 # flwr 1.41's own defaults (flwr.supercore.constant), restated so importing

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from fedlora.config import LoraSettings
 from fedlora.errors import ModelError
 from fedlora.models.pooling import install_pooling, resolve_pooling
+from fedlora.settings import LoraSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

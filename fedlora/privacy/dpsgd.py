@@ -192,11 +192,7 @@ def make_private(
             UserWarning,
             stacklevel=2,
         )
-    with warnings.catch_warnings():
-        # Opacus asks for torchcsprng here; the module docstring explains the
-        # RNG used instead.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=config.accountant)
+    engine = _engine(config.accountant)
     loss = criterion if criterion is not None else nn.CrossEntropyLoss()
     try:
         wrapped = engine.make_private(
@@ -225,6 +221,14 @@ def make_private(
         # Noise robust to the floating-point attack; needs no torchcsprng.
         dp_optimizer.secure_mode = True
     return PrivateTraining(dp_model, dp_optimizer, dp_loader, engine, loss)
+
+
+def _engine(accountant: str) -> PrivacyEngine:
+    with warnings.catch_warnings():
+        # Opacus asks for torchcsprng here; the module docstring explains the
+        # RNG used instead.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        return PrivacyEngine(accountant=accountant)
 
 
 def _check_inputs(

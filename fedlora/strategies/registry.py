@@ -38,7 +38,6 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedlora.config import COMPRESSION_KINDS
 from fedlora.errors import ConfigError
 from fedlora.protocol import (
     ARRAYS_KEY,
@@ -47,6 +46,7 @@ from fedlora.protocol import (
     MODE_STANDARD,
     declare_mode,
 )
+from fedlora.settings import COMPRESSION_KINDS
 from fedlora.strategies.base import LoraStrategy
 from fedlora.strategies.compressed import CompressedUpdates
 from fedlora.strategies.ffa_lora import FfaLora
