@@ -15,7 +15,7 @@ import torch
 
 from fedlora import protocol
 from fedlora.client.centering import feature_statistics
-from fedlora.client.private import NodePrivacy, center_release, label_release, round_noise
+from fedlora.client.private import NodePrivacy, round_noise
 from fedlora.config import RunConfig
 from fedlora.data.sources import load_table
 from fedlora.errors import ConfigError, ModelError
@@ -27,6 +27,7 @@ from fedlora.models.pooling import pooled_features, set_feature_center
 from fedlora.privacy.accounting import epsilon, steps_per_round
 from fedlora.privacy.dpsgd import ReproducibleNoiseWarning
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.releases import center_release, label_release
 from fedlora.settings import LoraSettings
 from fedlora.simulations.engine import Resources, simulate
 from fedlora.simulations.tiny import tiny_run_config

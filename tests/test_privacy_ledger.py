@@ -230,3 +230,23 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     assert again.rounds == ledger.rounds
     assert again.spent_epsilon() == ledger.spent_epsilon()
     assert state["key"] == ledger.key and state["epsilon_spent"] == ledger.spent_epsilon()
+
+
+def test_a_rounds_releases_are_recorded_in_one_write_as_if_one_by_one(tmp_path: Path) -> None:
+    # Label counts (one full-batch Gaussian release at sigma 20) then DP-SGD:
+    # one record_releases call must leave exactly the entries, and epsilons,
+    # of two record_round calls, and the total equals one accountant call.
+    labels, dpsgd = (20.0, 1.0, 1), ROUND
+    together = _open(tmp_path / "a")
+    spent = together.record_releases(3, [labels, dpsgd])
+    apart = _open(tmp_path / "b")
+    apart.record_round(3, *labels)
+    assert apart.record_round(3, *dpsgd) == pytest.approx(spent, rel=1e-12)
+    assert [r.history_entry for r in together.rounds] == [labels, dpsgd]
+    assert [r.epsilon_after for r in together.rounds] == pytest.approx(
+        [r.epsilon_after for r in apart.rounds], rel=1e-12
+    )
+    assert spent == pytest.approx(epsilon([labels, dpsgd], together.delta, "rdp"), rel=1e-12)
+    assert _open(tmp_path / "a").spent_epsilon() == pytest.approx(spent, rel=1e-12)
+    with pytest.raises(PrivacyError, match="no releases"):
+        together.record_releases(4, [])

@@ -39,7 +39,6 @@ from flwr.clientapp import ClientApp
 from fedlora.client.centering import feature_statistics
 from fedlora.client.modes import NodeMode, Tamper, node_mode
 from fedlora.client.private import (
-    center_release,
     open_ledger,
     precheck,
     private_train,
@@ -61,6 +60,7 @@ from fedlora.models.loading import cached_model, load_tokenizer
 from fedlora.models.pooling import set_feature_center
 from fedlora.models.task import get_task
 from fedlora.privacy.central import client_clipping_mod
+from fedlora.privacy.releases import center_release
 from fedlora.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,

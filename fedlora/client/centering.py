@@ -37,11 +37,7 @@ from fedlora.models.centering import clip_rows, sum_clip
 from fedlora.models.pooling import pooled_features
 from fedlora.privacy.dpsgd import round_generators
 from fedlora.privacy.ledger import PrivacyLedger
-
-# Query (server -> node) asking for the statistics, and the reply's arrays.
-# Train/evaluate ConfigRecord (server -> node): the centre, a list of floats.
-# The ledger's round number for the release (it precedes round 1).
-STATS_ROUND = 0
+from fedlora.privacy.releases import FEATURE_CENTRE_ROUND, center_release
 
 
 def feature_statistics(
@@ -64,7 +60,7 @@ def feature_statistics(
         return features.sum(0).numpy(), float(len(features))
     clip = sum_clip(cfg)
     sigma = cfg.privacy.dp_center_noise
-    ledger.record_round(STATS_ROUND, sigma, 1.0, 1)
+    ledger.record_releases(FEATURE_CENTRE_ROUND, center_release(cfg))
     noise_rng, _ = round_generators(torch.device("cpu"), generator is None, generator)
     released = torch.cat(
         [clip_rows(features, clip).sum(0), torch.tensor([clip * len(features)]).double()]

@@ -10,12 +10,14 @@ The order of a private round is the point of this module:
    run-config value can open a fresh one) and, if an
    earlier round shows that another one would pass the cap, refuse **before
    the data is read**.
-3. Read the data, work out this round's exact cost (sample rate, steps,
-   noise multiplier), refuse if spent + cost > cap.
+3. Read the data, work out this round's exact cost once (sample rate,
+   steps, noise multiplier: :func:`fedlora.privacy.releases.training_round_releases`),
+   refuse if spent + cost > cap.
 4. Train with Opacus DP-SGD on a copy of the model (Opacus' hooks never stay
    on the cached model) — any failure to apply DP is an error, never a
    fallback to non-private training.
-5. Record the round in the ledger (atomically) *before* the update leaves.
+5. Record the round's releases in the ledger, in one atomic write, once DP
+   is in place and *before* any of them is used or the update leaves.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from fedlora.models.batches import EncodedDataset, make_loader
 from fedlora.privacy.accounting import HistoryEntry, noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger
-from fedlora.privacy.releases import DEFAULT_PUBLIC_EXAMPLES
+from fedlora.privacy.releases import (
+    DEFAULT_PUBLIC_EXAMPLES,
+    label_release,
+    run_side_releases,
+    training_round_releases,
+)
 from fedlora.privacy.settings import DPConfig
 from fedlora.protocol import (
     METRIC_DELTA,
@@ -234,26 +241,6 @@ def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
     ledger.check_budget(limits.epsilon_cap, *same[-1], extra=same[:-1])
 
 
-def label_release(cfg: RunConfig) -> list[tuple[float, float, int]]:
-    """The accountant entries of one round's noisy label counts (none without
-    logit adjustment): the Gaussian mechanism on a histogram whose L2
-    sensitivity is 1 is one full-batch step at noise multiplier dp-label-noise."""
-    if cfg.train.logit_adjustment <= 0:
-        return []
-    return [(cfg.privacy.dp_label_noise, 1.0, 1)]
-
-
-def center_release(cfg: RunConfig) -> list[tuple[float, float, int]]:
-    """The accountant entry of the one-time feature-centering release (none
-    without it, or without local DP): each example adds its clipped sentence
-    vector and a constant equal to the clip to a sum, so the sum's L2
-    sensitivity is sqrt(2) x clip and Gaussian noise of std dp-center-noise x
-    that is one full-batch step at noise multiplier dp-center-noise."""
-    if not cfg.lora.feature_centering or cfg.privacy.dp_mode != "local":
-        return []
-    return [(cfg.privacy.dp_center_noise, 1.0, 1)]
-
-
 def round_noise(cfg: RunConfig, limits: NodePrivacy, sample_rate: float, steps: int) -> float:
     """This round's noise multiplier: fixed, or derived so that *all* rounds
     together reach ``dp-target-epsilon`` (each client's ε over the run),
@@ -269,7 +256,7 @@ def round_noise(cfg: RunConfig, limits: NodePrivacy, sample_rate: float, steps: 
         sample_rate,
         total_steps,
         limits.accountant,
-        extra=label_release(cfg) * cfg.num_server_rounds + center_release(cfg),
+        extra=run_side_releases(cfg),
     )
 
 
@@ -287,9 +274,12 @@ def private_train(
     settings = cfg.train
     sample_rate, steps = steps_per_round(len(dataset), settings.batch_size, settings.local_epochs)
     sigma = round_noise(cfg, limits, sample_rate, steps)
+    # The round's whole cost, computed once (fedlora.privacy.releases) and
+    # checked against the site's cap once, before any of it is spent.
+    releases = training_round_releases(cfg, sigma, sample_rate, steps)
     labels = label_release(cfg)
     if not math.isinf(limits.epsilon_cap):
-        ledger.check_budget(limits.epsilon_cap, sigma, sample_rate, steps, labels)
+        ledger.check_budget(limits.epsilon_cap, *releases[-1], extra=releases[:-1])
     dp = DPConfig(
         noise_multiplier=sigma,
         max_grad_norm=cfg.privacy.dp_max_grad_norm,
@@ -305,10 +295,11 @@ def private_train(
     loader = make_loader(dataset, settings.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(work, settings)
     wrapped = make_private(work, optimizer, loader, dp, sigma, None if secure_rng else generator)
+    # Recorded once, before the counts are used or the update leaves: a crash
+    # later over-counts, never under.
+    spent = ledger.record_releases(server_round, releases)
     log_prior = None
     if labels:
-        # Recorded before the counts are used: a crash later over-counts, never under.
-        ledger.record_round(server_round, *labels[0])
         noise_rng, _ = round_generators(
             torch.device("cpu"), secure_rng, None if secure_rng else generator
         )
@@ -327,7 +318,6 @@ def private_train(
         generator,
         log_prior,
     )
-    spent = ledger.record_round(server_round, sigma, sample_rate, steps)
     # Only the ledger's totals leave (fedlora.privacy.releases); sigma and the
     # step count stay at the node.
     metrics = {METRIC_EPSILON: float(spent), METRIC_DELTA: float(limits.delta)}

@@ -238,7 +238,14 @@ class PrivacyLedger:
         sample_rate: float,
         steps: int,
     ) -> float:
-        """Append a round and persist the ledger before returning its new spend.
+        """Append one release and persist the ledger; returns the new spend."""
+        return self.record_releases(server_round, [(noise_multiplier, sample_rate, steps)])
+
+    def record_releases(self, server_round: int, releases: Sequence[HistoryEntry]) -> float:
+        """Append a round's releases in one write and return the new spend.
+
+        Persisted (atomically, under the ledger's lock) before anything they
+        cover is used or sent: a crash afterwards over-counts, never under.
 
         Raises
         ------
@@ -249,16 +256,23 @@ class PrivacyLedger:
         """
         if type(server_round) is not int:
             raise PrivacyError(f"server_round={server_round!r} is not an integer")
-        eps = self.projected_epsilon(noise_multiplier, sample_rate, steps)
-        entry = LedgerRound(
-            server_round=server_round,
-            noise_multiplier=float(noise_multiplier),
-            sample_rate=float(sample_rate),
-            steps=steps,
-            timestamp=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            epsilon_after=eps,
-        )
-        rounds = (*self.rounds, entry)
+        if not releases:
+            raise PrivacyError(f"round {server_round}: no releases to record")
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        entries = []
+        for k, (sigma, q, steps) in enumerate(releases):
+            entries.append(
+                LedgerRound(
+                    server_round=server_round,
+                    noise_multiplier=float(sigma),
+                    sample_rate=float(q),
+                    steps=steps,
+                    timestamp=stamp,
+                    epsilon_after=self.projected_epsilon(sigma, q, steps, releases[:k]),
+                )
+            )
+        eps = entries[-1].epsilon_after
+        rounds = (*self.rounds, *entries)
         try:
             lock = exclusive(self.path)
             lock.__enter__()

@@ -27,6 +27,11 @@ error reasons             any reply               fixed sentences; unexpected er
                                                   exception type only (no paths, no traceback)
 ========================  ======================  ===========================================
 
+The accounted releases themselves (what ε covers) are the functions below:
+:func:`dp_sgd_release`, :func:`label_release`, :func:`center_release`; a
+training round is :func:`training_round_releases`, a whole run
+:func:`run_side_releases` plus its DP-SGD rounds.
+
 Without DP a node sends exact metrics; the site chose that by running
 without a cap (a node with ``privacy-epsilon-cap`` refuses to run without
 local DP, see :mod:`fedlora.client.private`).
@@ -34,6 +39,7 @@ local DP, see :mod:`fedlora.client.private`).
 
 from __future__ import annotations
 
+from fedlora.config import RunConfig
 from fedlora.protocol import (
     METRIC_ACCURACY,
     METRIC_BYTES_SENT,
@@ -62,3 +68,57 @@ DEFAULT_PUBLIC_EXAMPLES = 1
 def train_metric_keys(dp_mode: str) -> frozenset[str]:
     """The exact metric keys a train reply carries under ``dp_mode``."""
     return LOCAL_DP_TRAIN_METRICS if dp_mode == "local" else PLAIN_TRAIN_METRICS
+
+
+# ---------------------------------------------------------------------------
+# What ε covers: every accounted release, as accountant entries
+# ---------------------------------------------------------------------------
+#: One accounted release as the accountant reads it:
+#: ``(noise multiplier, sample rate, steps)``. A Gaussian mechanism of L2
+#: sensitivity Δ and noise std σΔ over the whole dataset is ``(σ, 1.0, 1)``.
+Entry = tuple[float, float, int]
+
+#: The ledger's round number of the feature-centre release (it precedes round 1).
+FEATURE_CENTRE_ROUND = 0
+
+
+def dp_sgd_release(noise_multiplier: float, sample_rate: float, steps: int) -> Entry:
+    """A round of DP-SGD: ``steps`` Poisson-sampled steps at rate ``B/n``, each
+    clipping every example's gradient and adding N(0, (σC)²) (Opacus)."""
+    return (float(noise_multiplier), float(sample_rate), int(steps))
+
+
+def label_release(cfg: RunConfig) -> list[Entry]:
+    """The accountant entries of one round's noisy label counts (none without
+    logit adjustment): the Gaussian mechanism on a histogram whose L2
+    sensitivity is 1 is one full-batch step at noise multiplier dp-label-noise."""
+    if cfg.train.logit_adjustment <= 0:
+        return []
+    return [(cfg.privacy.dp_label_noise, 1.0, 1)]
+
+
+def center_release(cfg: RunConfig) -> list[Entry]:
+    """The accountant entry of the one-time feature-centering release (none
+    without it, or without local DP): each example adds its clipped sentence
+    vector and a constant equal to the clip to a sum, so the sum's L2
+    sensitivity is sqrt(2) x clip and Gaussian noise of std dp-center-noise x
+    that is one full-batch step at noise multiplier dp-center-noise."""
+    if not cfg.lora.feature_centering or cfg.privacy.dp_mode != "local":
+        return []
+    return [(cfg.privacy.dp_center_noise, 1.0, 1)]
+
+
+def training_round_releases(
+    cfg: RunConfig, noise_multiplier: float, sample_rate: float, steps: int
+) -> list[Entry]:
+    """Everything one training round releases under local DP, in the order the
+    ledger records it: the noisy label counts (if any), then DP-SGD. The node
+    checks this list against its cap once and records it once."""
+    return [*label_release(cfg), dp_sgd_release(noise_multiplier, sample_rate, steps)]
+
+
+def run_side_releases(cfg: RunConfig) -> list[Entry]:
+    """Every release of a whole run besides DP-SGD: ``num-server-rounds``
+    rounds of label counts and the one feature centre. ``dp-target-epsilon``
+    is reached by calibrating DP-SGD's noise *with* these included."""
+    return label_release(cfg) * cfg.num_server_rounds + center_release(cfg)
