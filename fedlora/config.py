@@ -45,9 +45,19 @@ class RunConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     num_server_rounds: int = setting(8, "Federated rounds (1 to 100000).")
     fraction_train: float = setting(1.0, "Share of connected nodes sampled per round.")
-    fraction_evaluate: float = setting(0.0, "Share of nodes asked for federated eval.")
-    min_train_nodes: int = setting(2, "Fewest nodes a round may train with.")
-    strategy: str = setting("fedavg", "Aggregation strategy name (see strategies).")
+    fraction_evaluate: float = setting(
+        0.0,
+        "Share of nodes asked for federated evaluation "
+        "(must be 0 with dp-mode=local: DP nodes refuse it).",
+    )
+    min_train_nodes: int = setting(
+        2, "Fewest good replies a round needs; below it the run stops cleanly, with the reason."
+    )
+    strategy: str = setting(
+        "fedavg",
+        "Aggregation strategy: fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, "
+        "krum, multikrum, fedmedian, fedtrimmedavg, bulyan, lora-exact, ffa-lora, hetero-rank.",
+    )
     strategy_options: str = setting(
         "", "Strategy parameters as 'key=value,...', e.g. 'server-momentum=0.9'."
     )

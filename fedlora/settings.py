@@ -207,13 +207,17 @@ class DataSettings:
     """Where examples come from and how a simulation splits them."""
 
     dataset: str = setting(
-        "bbc-news", "Packaged demo dataset ('bbc-news', 'rotten-tomatoes') or 'file'."
+        "bbc-news",
+        "Packaged demo dataset (bbc-news, rotten-tomatoes: news "
+        "and film reviews, not clinical data) or file.",
     )
     data_file: str = setting("", "Local CSV/JSONL/Parquet file when dataset='file'.")
     text_column: str = setting("text", "Column holding the input text.")
     label_column: str = setting("label", "Column holding the class label.")
     labels: tuple[str, ...] = setting(
-        (), "The federation's label list; empty = the dataset's own list."
+        (),
+        "The federation's label list 'a,b,c' (required for real sites, so every "
+        "site maps a label to the same id); empty = the dataset's own list.",
     )
     partitioner: str = setting("dirichlet", "Simulation split: iid, dirichlet, column.")
     dirichlet_alpha: float = setting(0.5, "Dirichlet concentration; small = skewed.")
@@ -260,7 +264,11 @@ class PrivacySettings:
     and ``sim-ledger-dir`` instead.
     """
 
-    dp_mode: str = setting("none", "none, local (DP-SGD at each node) or a central-* mode.")
+    dp_mode: str = setting(
+        "none",
+        "none, local (DP-SGD at each node), central-server-fixed, central-client-fixed, "
+        "central-server-adaptive or central-client-adaptive (Flower's DP wrappers).",
+    )
     dp_noise_multiplier: float = setting(
         0.0, "Noise std / clip norm; 0 = derive from dp-target-epsilon (local)."
     )

@@ -3,9 +3,9 @@
 The operator creates credentials (``certs``), starts the SuperLink
 (``server``), registers each hospital's public key (``register``) and submits
 runs (``run``); each hospital starts its node (``node``). The commands wrap
-:mod:`fedlora.certs` and :mod:`fedlora.deploy`; what they add is the checks a
+:mod:`fedlora.deploy.certs` and :mod:`fedlora.deploy`; what they add is the checks a
 person needs *before* a process starts (a missing key, an unreadable data
-file, a wrong column; :mod:`fedlora.preflight`) with the file and the fix
+file, a wrong column; :mod:`fedlora.deploy.preflight`) with the file and the fix
 named, and a ``run`` whose exit code says how the run ended (``flwr run``
 exits 0 when a run failed).
 

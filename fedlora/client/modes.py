@@ -1,7 +1,7 @@
 """How this node trains for the run: its LoRA mode and rank (and, in simulations only, a tamper).
 
 The mode follows the run's ``strategy`` (each LoRA-aware strategy declares
-one, :func:`fedlora.strategies.registry.client_mode`), so there is no second
+one, :func:`fedlora.protocol.client_mode`), so there is no second
 key that could disagree with the server:
 
 * ``standard`` (every Flower strategy, ``lora-exact``): train A, B and the

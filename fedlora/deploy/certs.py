@@ -45,7 +45,7 @@ from fedlora.deploy.keyfiles import (
 )
 from fedlora.errors import ConfigError
 
-# How a person recreates these files; deploy.py names it in its errors too.
+# How a person recreates these files (defined in keyfiles, named in errors here and in flower.py).
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"

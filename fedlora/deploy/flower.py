@@ -15,7 +15,7 @@ Flower ships the processes (``flower-superlink``, ``flower-supernode``) and the
   and, on exit, stops it *and* the helpers it spawned (the SuperLink starts its
   SuperExec in a new session, so killing a process group would miss it).
 
-Credentials come from :mod:`fedlora.certs`; a missing one is reported up front
+Credentials come from :mod:`fedlora.deploy.certs`; a missing one is reported up front
 with the command that creates it.
 """
 

@@ -5,7 +5,7 @@ wrong data column starts fine and then fails every round on the server's
 log; ``flwr run --stream`` exits 0 for a failed run, and Flower's
 ``finished:completed`` also covers a fedlora run that stopped early. This
 module holds the pure(ish) checks ``fedlora node``/``run``/``certs``
-(:mod:`fedlora.ops_cli`) make, so they can be tested without starting
+(:mod:`fedlora.cli.ops`, :mod:`fedlora.cli.node`) make, so they can be tested without starting
 anything:
 
 * :func:`check_node_inputs`: the node's files and settings, each problem

@@ -19,7 +19,7 @@ What it adds around that math:
   ``B`` column have zero gradient, forever).
 
 Each subclass says how its clients train (``client_mode``); the ClientApp
-reads it through :func:`fedlora.strategies.registry.client_mode`.
+reads it through :func:`fedlora.protocol.client_mode`.
 """
 
 from __future__ import annotations

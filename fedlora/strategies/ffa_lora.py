@@ -8,7 +8,7 @@ With A identical and frozen everywhere, the mean of the clients' deltas is
 never travel, and DP noise is spread over half the dimensions.
 
 Where the shared A comes from: every party builds the model with
-:func:`fedlora.models.build_model`, which draws PEFT's LoRA init from a
+:func:`fedlora.models.loading.build_model`, which draws PEFT's LoRA init from a
 generator forked from the run ``seed``, so the A each client holds is
 bit-identical to the server's. Clients (``client_mode`` ffa) set
 ``requires_grad=False`` on every ``lora_A`` and send only B and the head; the
