@@ -336,7 +336,9 @@ def test_statistics_query_refuses_before_reading_data(
         raise AssertionError("data was read although the node refuses")
 
     monkeypatch.setattr(client_app, "prepare", no_reading)
-    monkeypatch.setattr(client_app, "local_dataset", no_reading)
+    from fedlora.client import prepare as client_prepare
+
+    monkeypatch.setattr(client_prepare, "local_dataset", no_reading)
     model = build_model(tiny_model_dir, 3, LORA, 3)
     arrays = ArrayRecord({k: Array(v) for k, v in adapter_state(model).items()})
     msg = Message(

@@ -184,7 +184,9 @@ def test_refusal_happens_before_the_data_is_read(
         raise AssertionError("data was read although the budget is exhausted")
 
     monkeypatch.setattr(client_app, "prepare", no_reading)
-    monkeypatch.setattr(client_app, "local_dataset", no_reading)
+    from fedlora.client import prepare as client_prepare
+
+    monkeypatch.setattr(client_prepare, "local_dataset", no_reading)
     model = build_model(tiny_model_dir, 3, LoraSettings(rank=4, alpha=8, dropout=0.0), 3)
     arrays = ArrayRecord({k: Array(v) for k, v in adapter_state(model).items()})
     msg = Message(
