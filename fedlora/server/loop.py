@@ -97,9 +97,18 @@ class TrainStep(Protocol):
     """
 
     def train(
-        self, rnd: int, arrays: ArrayRecord, nodes: list[int], sites: SiteRegistry
+        self,
+        rnd: int,
+        arrays: ArrayRecord,
+        nodes: list[int],
+        sites: SiteRegistry,
+        exhausted: set[str],
     ) -> TrainResult:
-        """Send ``arrays`` to ``nodes`` for round ``rnd``; return the aggregate."""
+        """Send ``arrays`` to ``nodes`` for round ``rnd``; return the aggregate.
+
+        Sites that refuse because their own budget is spent go into
+        ``exhausted`` (the loop's set), so they are not sampled again.
+        """
         ...
 
     def evaluate(
@@ -127,7 +136,6 @@ class StrategyStep:
         self.reply_filter = reply_filter
         self.limits = ReplyLimits.for_run(cfg, arrays)
         self.exchange: Exchange | None = None
-        self.exhausted: set[str] = set()  # sites whose own budget is spent
 
     def _exchange(self, sites: SiteRegistry) -> Exchange:
         if self.exchange is None:
@@ -135,7 +143,12 @@ class StrategyStep:
         return self.exchange
 
     def train(
-        self, rnd: int, arrays: ArrayRecord, nodes: list[int], sites: SiteRegistry
+        self,
+        rnd: int,
+        arrays: ArrayRecord,
+        nodes: list[int],
+        sites: SiteRegistry,
+        exhausted: set[str],
     ) -> TrainResult:
         """Configure, send, gate, filter and aggregate one round."""
         exchange = self._exchange(sites)
@@ -143,7 +156,7 @@ class StrategyStep:
         view = sampled_view(self.grid, nodes)
         messages = list(self.strategy.configure_train(rnd, arrays, config, view))
         replies = exchange.send(messages, self.cfg.round_timeout, rnd, "train")
-        ok, failures = split_replies(replies, nodes, sites, self.exhausted, sent=messages)
+        ok, failures = split_replies(replies, nodes, sites, exhausted, sent=messages)
         failures.extend(exchange.last_late)
         ok, refused = gate_replies(ok, self.limits)
         failures.extend(name_site(line, sites) for line in refused)
@@ -192,7 +205,6 @@ def run_rounds(
     evaluate_fn: EvaluateFn | None,
     on_round: RoundHook,
     first_round: int = 1,
-    exhausted: set[str] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_server_rounds``; returns the final arrays.
 
@@ -205,11 +217,11 @@ def run_rounds(
     a round cannot go on: too few nodes connected or replying.
     """
     sites = SiteRegistry()
-    exhausted = exhausted if exhausted is not None else set()
+    exhausted: set[str] = set()  # sites whose own privacy budget is spent
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         start = time.perf_counter()
         nodes = _sample_round(grid, cfg, sites, exhausted, rnd)
-        result = step.train(rnd, arrays, nodes, sites)
+        result = step.train(rnd, arrays, nodes, sites, exhausted)
         for line in result.failures:
             log.warning("round %d: %s", rnd, line)
         arrays = _accepted(result, rnd, len(nodes), cfg.min_train_nodes)

@@ -193,9 +193,18 @@ class SecAggStep:
         self.on_exchange = on_exchange
 
     def train(
-        self, rnd: int, arrays: ArrayRecord, nodes: list[int], sites: SiteRegistry
+        self,
+        rnd: int,
+        arrays: ArrayRecord,
+        nodes: list[int],
+        sites: SiteRegistry,
+        exhausted: set[str],
     ) -> TrainResult:
-        """Run the protocol with ``nodes``; the unmasked mean applied to ``arrays``."""
+        """Run the protocol with ``nodes``; the unmasked mean applied to ``arrays``.
+
+        A node's refusal is masked inside the protocol's dropouts, so no site
+        is marked ``exhausted`` here (as before the one loop).
+        """
         state = arrays_to_state(arrays)
         if not state:
             raise ConfigError("initial adapter state is empty")
