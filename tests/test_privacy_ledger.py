@@ -238,7 +238,9 @@ def test_a_rounds_releases_are_recorded_in_one_write_as_if_one_by_one(tmp_path: 
     # of two record_round calls, and the total equals one accountant call.
     labels, dpsgd = (20.0, 1.0, 1), ROUND
     together = _open(tmp_path / "a")
+    projected = together.check_releases(1e9, [labels, dpsgd])
     spent = together.record_releases(3, [labels, dpsgd])
+    assert projected == pytest.approx(spent, rel=1e-12)  # the check prices what is recorded
     apart = _open(tmp_path / "b")
     apart.record_round(3, *labels)
     assert apart.record_round(3, *dpsgd) == pytest.approx(spent, rel=1e-12)
@@ -250,3 +252,5 @@ def test_a_rounds_releases_are_recorded_in_one_write_as_if_one_by_one(tmp_path: 
     assert _open(tmp_path / "a").spent_epsilon() == pytest.approx(spent, rel=1e-12)
     with pytest.raises(PrivacyError, match="no releases"):
         together.record_releases(4, [])
+    with pytest.raises(PrivacyError, match="no releases"):
+        together.check_releases(1e9, [])

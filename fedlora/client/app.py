@@ -167,7 +167,7 @@ def statistics_reply(
             ledger, limits = open_ledger(cfg, context)
             precheck(ledger, limits)
             if not math.isinf(limits.epsilon_cap):
-                ledger.check_budget(limits.epsilon_cap, *center_release(cfg)[0])
+                ledger.check_releases(limits.epsilon_cap, center_release(cfg))
         elif cfg.privacy.dp_mode != "none":
             raise ConfigError(f"feature-centering does not fit dp-mode={cfg.privacy.dp_mode}")
         _cfg, model, encoded, _site = prepare(msg, context, overrides)

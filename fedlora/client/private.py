@@ -40,7 +40,6 @@ from fedlora.privacy.dpsgd import make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.releases import (
     DEFAULT_PUBLIC_EXAMPLES,
-    label_release,
     run_side_releases,
     training_round_releases,
 )
@@ -238,7 +237,7 @@ def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
         if entry.server_round != last:
             break
         same.insert(0, entry.history_entry)
-    ledger.check_budget(limits.epsilon_cap, *same[-1], extra=same[:-1])
+    ledger.check_releases(limits.epsilon_cap, same)
 
 
 def round_noise(cfg: RunConfig, limits: NodePrivacy, sample_rate: float, steps: int) -> float:
@@ -277,9 +276,9 @@ def private_train(
     # The round's whole cost, computed once (fedlora.privacy.releases) and
     # checked against the site's cap once, before any of it is spent.
     releases = training_round_releases(cfg, sigma, sample_rate, steps)
-    labels = label_release(cfg)
+    labels = releases[:-1]  # the label counts, if this round releases any
     if not math.isinf(limits.epsilon_cap):
-        ledger.check_budget(limits.epsilon_cap, *releases[-1], extra=releases[:-1])
+        ledger.check_releases(limits.epsilon_cap, releases)
     dp = DPConfig(
         noise_multiplier=sigma,
         max_grad_norm=cfg.privacy.dp_max_grad_norm,

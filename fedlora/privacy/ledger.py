@@ -231,6 +231,13 @@ class PrivacyLedger:
             raise BudgetExceeded(self.spent_epsilon(), float(cap_epsilon), projected)
         return projected
 
+    def check_releases(self, cap_epsilon: float, releases: Sequence[HistoryEntry]) -> float:
+        """:meth:`check_budget` for a round's releases taken together (the
+        list :meth:`record_releases` then records); returns the projected ε."""
+        if not releases:
+            raise PrivacyError("no releases to check against the budget")
+        return self.check_budget(cap_epsilon, *releases[-1], extra=releases[:-1])
+
     def record_round(
         self,
         server_round: int,

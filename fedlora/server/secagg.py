@@ -206,7 +206,7 @@ class SecAggStep:
         is marked ``exhausted`` here (as before the one loop).
         """
         state = arrays_to_state(arrays)
-        if not state:
+        if not state:  # also guards run_secagg_rounds' caller-supplied adapter
             raise ConfigError("initial adapter state is empty")
         new_state, result = secagg_exchange(
             self.grid,
@@ -286,8 +286,6 @@ def run_secagg_rounds(
     from fedlora.config import RunConfig
 
     settings = settings or SecAggSettings()
-    if not initial:
-        raise ConfigError("initial adapter state is empty")
     cfg = RunConfig.from_flat(
         {
             "num-server-rounds": num_rounds,
@@ -305,6 +303,6 @@ def run_secagg_rounds(
         frozen=frozen,
         on_exchange=on_round,
     )
-    start = state_to_arrays({k: np.array(v, copy=True) for k, v in initial.items()})
+    start = state_to_arrays(initial)  # serialised: the caller's arrays stay untouched
     final = run_rounds(step, grid, cfg, start, None, lambda _outcome: None, first_round)
     return arrays_to_state(final)
