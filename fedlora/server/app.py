@@ -215,12 +215,12 @@ def _round_hook(run: _Run, latest: dict[str, ArrayRecord]) -> RoundHook:
             if cfg.ensemble == "sites"
             else []
         )
-        record.extra.update(ensemble(arrays_to_state(outcome.arrays), site_states))
+        state = arrays_to_state(outcome.arrays)  # decoded once for ensemble and checkpoint
+        record.extra.update(ensemble(state, site_states))
         central_eps = central_epsilon(run.strategy)
         if central_eps is not None:
             record.extra["epsilon-user-level"] = central_eps
         run.history.add(record)
-        state = arrays_to_state(outcome.arrays)
         save_checkpoint(run.run_dir, cfg, outcome.server_round, state, run.strategy)
         log.info("%s", progress_line(outcome, cfg.num_server_rounds))
 

@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.compression import SEPARATOR, decode
 from fedlora.errors import UpdateRejected
 from fedlora.protocol import ARRAYS_KEY, KEY_DECODES_COMPRESSED
-from fedlora.records import State, arrays_to_state, state_to_arrays
+from fedlora.records import State, state_to_arrays
 from fedlora.strategies.math.lora import norm_excess
 
 log = logging.getLogger("fedlora.server")
@@ -190,7 +190,8 @@ class SentArrays:
             state = record_state(record)
         _check_against(state, base, f"node {node}")
         if math.isfinite(self.max_norm):
-            rest = {k: v for k, v in arrays_to_state(base).items() if k not in state}
+            # Decode only what the reply left out (this runs for every reply).
+            rest = {k: v.numpy() for k, v in base.items() if k not in state}
             whole = {**rest, **state}
             excess = norm_excess(whole, self.max_norm)
             if excess is not None:
