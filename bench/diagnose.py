@@ -55,7 +55,7 @@ from fedlora.models.centering import clip_rows, combine, sum_clip
 from fedlora.models.inference import predict_proba
 from fedlora.models.loading import load_tokenizer, resolve_model_path
 from fedlora.privacy.accounting import steps_per_round
-from fedlora.settings import DataSettings
+from fedlora.task_settings import DataSettings
 
 
 def pooled_layers(data: TextDataset, seq: int) -> torch.Tensor:

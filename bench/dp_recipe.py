@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from fedlora.client.train import make_optimizer, train_epochs
-from fedlora.data.sources import TextDataset, load_demo
+from fedlora.data.catalog import load_demo
+from fedlora.data.sources import TextDataset
 from fedlora.models.batches import encode, make_loader
 from fedlora.models.inference import evaluate
 from fedlora.models.loading import build_model, load_tokenizer

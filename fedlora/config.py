@@ -23,13 +23,13 @@ from typing import Any
 from fedlora.errors import ConfigError
 from fedlora.settings import (
     SIM_ATTACKS,
-    DataSettings,
     LoraSettings,
     PrivacySettings,
     TrainSettings,
     require,
     setting,
 )
+from fedlora.task_settings import TASK_CAUSAL_LM, DataSettings, LmSettings
 
 MAX_ROUNDS = 100_000
 
@@ -38,11 +38,16 @@ MAX_ROUNDS = 100_000
 class RunConfig:
     """Everything one federated run needs, validated at construction."""
 
-    model_path: str = setting("", "Local model folder; empty = packaged all-MiniLM-L6-v2.")
+    model_path: str = setting(
+        "",
+        "Local model folder; empty = the packaged model of the task (all-MiniLM-L6-v2, "
+        "or SmolLM2-135M-Instruct converted once from its GGUF).",
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    lm: LmSettings = field(default_factory=LmSettings)
     num_server_rounds: int = setting(8, "Federated rounds (1 to 100000).")
     fraction_train: float = setting(1.0, "Share of connected nodes sampled per round.")
     fraction_evaluate: float = setting(
@@ -165,6 +170,7 @@ class RunConfig:
         if self.secagg:
             self._check_secagg()
         self._check_simulation()
+        self._check_task()
         if self.train.compression != "none" and self.privacy.dp_mode.startswith("central"):
             # Flower's DP wrappers clip what arrives; an encoded delta is not a model.
             raise ConfigError(
@@ -205,6 +211,27 @@ class RunConfig:
         if problems:
             raise ConfigError("secagg=true does not fit: " + "; ".join(problems))
 
+    def _check_task(self) -> None:
+        """The task, and the settings that only one task can serve, in one error."""
+        problems = []
+        if self.task == TASK_CAUSAL_LM:
+            if self.ensemble != "none":
+                problems.append(f"ensemble={self.ensemble} (ensembles average class scores)")
+            if self.lora.feature_centering:
+                problems.append("feature-centering=true (there is no sentence vector)")
+            if self.train.logit_adjustment > 0:
+                problems.append(f"logit-adjustment={self.train.logit_adjustment:g} (no head)")
+        elif self.lora.base_quantization != "none":
+            problems.append(
+                f"base-quantization={self.lora.base_quantization} (only task=causal-lm "
+                "quantises its base)"
+            )
+        if problems:
+            raise ConfigError(
+                f"task={self.task} does not fit: " + "; ".join(problems) + ". Change these "
+                "settings or the task"
+            )
+
     def _check_simulation(self) -> None:
         """The simulation-only keys (ranks by partition, simulated attacks)."""
         require(
@@ -223,6 +250,11 @@ class RunConfig:
             self.sim_attack in SIM_ATTACKS, "sim-attack", self.sim_attack, ", ".join(SIM_ATTACKS)
         )
         require(self.sim_attack_scale > 0, "sim-attack-scale", self.sim_attack_scale, "> 0")
+
+    @property
+    def task(self) -> str:
+        """``classification`` or ``causal-lm`` (kept with the data it reads)."""
+        return self.data.task
 
     @property
     def client_ranks(self) -> tuple[int, ...]:
@@ -254,6 +286,7 @@ class RunConfig:
             train=TrainSettings(**groups["train"]),
             data=DataSettings(**groups["data"]),
             privacy=PrivacySettings(**groups["privacy"]),
+            lm=LmSettings(**groups["lm"]),
             **groups[""],
         )
 
@@ -297,6 +330,7 @@ _GROUPS: dict[str, type] = {
     "train": TrainSettings,
     "data": DataSettings,
     "privacy": PrivacySettings,
+    "lm": LmSettings,
 }
 for _group, _cls in _GROUPS.items():
     for _f in dataclasses.fields(_cls):

@@ -96,6 +96,9 @@ SECAGG_FITINS_PARAMETERS = "fitins.parameters"  # Flower's legacy record name
 NODE_DATA_PATH = "data-path"  # a real site's data file
 NODE_TEXT_COLUMN = "text-column"
 NODE_LABEL_COLUMN = "label-column"
+NODE_PROMPT_COLUMN = "prompt-column"  # task=causal-lm: the site's instruction column
+NODE_RESPONSE_COLUMN = "response-column"
+NODE_MESSAGES_COLUMN = "messages-column"
 NODE_SITE_NAME = "site-name"
 NODE_EPSILON_CAP = "privacy-epsilon-cap"  # the site's own lifetime ε cap
 NODE_DELTA = "privacy-delta"

@@ -21,6 +21,8 @@ def setting(default: Any, help: str) -> Any:
 
 POOLINGS = ("auto", "cls", "mean")
 
+BASE_QUANTIZATIONS = ("none", "int8", "int4")
+
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -33,7 +35,18 @@ class LoraSettings:
     alpha: float = setting(16.0, "LoRA scaling numerator: the update is (alpha/r)·B·A.")
     dropout: float = setting(0.05, "Dropout on the LoRA input during training.")
     target_modules: tuple[str, ...] = setting(
-        ("query", "value"), "Names of the linear layers that get LoRA adapters."
+        ("auto",),
+        "Names of the linear layers that get LoRA adapters; auto = query,value for the "
+        "encoder classifier, the attention projections (q,k,v,o) for a causal LM.",
+    )
+    base_quantization: str = field(
+        default="none",
+        metadata={
+            "key": "base-quantization",
+            "help": "task=causal-lm: keep the frozen base's linear weights in none or int8 "
+            "(torchao, runs on CPU) under the LoRA adapters; int4 is refused (PEFT's LoRA "
+            "over 4-bit weights needs bitsandbytes' CUDA backend).",
+        },
     )
     pooling: str = field(
         default="auto",
@@ -73,7 +86,18 @@ class LoraSettings:
         },
     )
 
+    @property
+    def auto_targets(self) -> bool:
+        """``lora-target-modules=auto``: the task picks the layers."""
+        return self.target_modules == ("auto",)
+
     def __post_init__(self) -> None:
+        require(
+            self.base_quantization in BASE_QUANTIZATIONS,
+            "base-quantization",
+            self.base_quantization,
+            ", ".join(BASE_QUANTIZATIONS),
+        )
         require(self.pooling in POOLINGS, "pooling", self.pooling, ", ".join(POOLINGS))
         require(self.pooling_layers >= 1, "pooling-layers", self.pooling_layers, "an integer >= 1")
         require(
@@ -200,44 +224,6 @@ class TrainSettings:
             self.max_train_examples,
             ">= 0 (0 means all)",
         )
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Where examples come from and how a simulation splits them."""
-
-    dataset: str = setting(
-        "bbc-news",
-        "Packaged demo dataset (bbc-news, rotten-tomatoes: news "
-        "and film reviews, not clinical data) or file.",
-    )
-    data_file: str = setting("", "Local CSV/JSONL/Parquet file when dataset='file'.")
-    text_column: str = setting("text", "Column holding the input text.")
-    label_column: str = setting("label", "Column holding the class label.")
-    labels: tuple[str, ...] = setting(
-        (),
-        "The federation's label list 'a,b,c' (required for real sites, so every "
-        "site maps a label to the same id); empty = the dataset's own list.",
-    )
-    partitioner: str = setting("dirichlet", "Simulation split: iid, dirichlet, column.")
-    dirichlet_alpha: float = setting(0.5, "Dirichlet concentration; small = skewed.")
-    partition_column: str = setting("", "Column naming each row's site (partitioner=column).")
-    test_fraction: float = setting(0.2, "Share held out for the server's global test.")
-
-    def __post_init__(self) -> None:
-        require(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "0 < x < 1")
-        require(self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "x > 0")
-        require(bool(self.text_column), "text-column", self.text_column, "a column name")
-        require(bool(self.label_column), "label-column", self.label_column, "a column name")
-        if self.dataset == "file" and not self.data_file:
-            raise ConfigError(
-                "dataset='file' needs data-file: set data-file=/path/to/data.csv "
-                "(CSV, JSONL or Parquet)"
-            )
-        if len(set(self.labels)) != len(self.labels):
-            raise ConfigError(
-                f"labels has duplicates: {','.join(self.labels)}; list each label once"
-            )
 
 
 SIM_ATTACKS = ("sign-flip", "scaled-noise", "label-flip")

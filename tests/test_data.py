@@ -12,7 +12,7 @@ from fedlora.data.labels import LabelSpace
 from fedlora.data.partition import check_partitioner, client_partition, stratified_split
 from fedlora.data.sources import load_bbc_news, load_rotten_tomatoes, load_table
 from fedlora.errors import ConfigError, DataError
-from fedlora.settings import DataSettings
+from fedlora.task_settings import DataSettings
 
 SPACE = LabelSpace.of(["cardiology", "neurology", "oncology"])
 
@@ -136,8 +136,20 @@ def test_column_partitioner_follows_the_site_column(tmp_path: Path) -> None:
     parts = [client_partition(settings, 0, i, 3) for i in range(3)]
     assert all(len(set(p.groups)) == 1 for p in parts)
     assert {p.groups[0] for p in parts} == {"site-0", "site-1", "site-2"}
-    with pytest.raises(ConfigError, match="set num-supernodes=3"):
+    with pytest.raises(ConfigError, match="set num-supernodes<=3"):
         client_partition(settings, 0, 0, 4)
+    # Fewer sites than values: each value goes whole to one site.
+    two = [client_partition(settings, 0, i, 2) for i in range(2)]
+    assert sorted(len(set(p.groups)) for p in two) == [1, 2]
+    assert not set(two[0].groups) & set(two[1].groups)
+
+
+def test_grouped_indices_by_hand() -> None:
+    from fedlora.data.partition import _grouped_indices
+
+    # sizes: a=3, b=2, c=2, d=1 -> a to 0, b to 1, c to 1 (0 has 3 > 2), d to 0 (3 < 4)
+    groups = ("a", "b", "a", "c", "b", "a", "c", "d")
+    assert _grouped_indices(groups, 2) == ((0, 2, 5, 7), (1, 3, 4, 6))
 
 
 def test_unknown_partitioner_lists_known() -> None:

@@ -24,8 +24,8 @@ from flwr.app import (
 from fedlora.client.modes import NodeMode, Tamper, node_mode
 from fedlora.config import RunConfig
 from fedlora.data.labels import LabelSpace
-from fedlora.data.partition import client_partition, simulation_split
-from fedlora.data.sources import TextDataset, load_table
+from fedlora.data.partition import client_partition, read_site_file, simulation_split
+from fedlora.data.sources import TextDataset
 from fedlora.errors import ConfigError
 from fedlora.models.adapter import load_adapter_state, set_lora_a_trainable
 from fedlora.models.batches import EncodedDataset
@@ -38,12 +38,16 @@ from fedlora.protocol import (
     KEY_FEATURE_CENTER,
     NODE_DATA_PATH,
     NODE_LABEL_COLUMN,
+    NODE_MESSAGES_COLUMN,
     NODE_NUM_PARTITIONS,
     NODE_PARTITION_ID,
+    NODE_PROMPT_COLUMN,
+    NODE_RESPONSE_COLUMN,
     NODE_TEXT_COLUMN,
     QUERY_FEATURE_STATS,
 )
 from fedlora.records import arrays_to_state
+from fedlora.task_settings import TASK_CAUSAL_LM
 
 
 @lru_cache(maxsize=4)
@@ -57,9 +61,11 @@ def run_config_of(context: Context, overrides: dict[str, Any] | None = None) -> 
     return _run_config(tuple(sorted(flat.items())))
 
 
-def _federation_labels(cfg: RunConfig) -> LabelSpace:
+def _federation_labels(cfg: RunConfig) -> LabelSpace | None:
     if cfg.data.labels:
         return LabelSpace.of(cfg.data.labels)
+    if cfg.data.dataset == "file" and cfg.task == TASK_CAUSAL_LM:
+        return None  # free-text answers: no label list to agree on
     if cfg.data.dataset == "file":
         raise ConfigError(
             "a federation over site files needs the run config key 'labels' "
@@ -74,12 +80,15 @@ def local_dataset(cfg: RunConfig, context: Context) -> tuple[TextDataset, int]:
     node = context.node_config
     if NODE_DATA_PATH in node:
         labels = _federation_labels(cfg)
-        data = load_table(
-            str(node[NODE_DATA_PATH]),
-            str(node.get(NODE_TEXT_COLUMN, cfg.data.text_column)),
-            str(node.get(NODE_LABEL_COLUMN, cfg.data.label_column)),
-            labels,
+        columns = dataclasses.replace(
+            cfg.data,
+            text_column=str(node.get(NODE_TEXT_COLUMN, cfg.data.text_column)),
+            label_column=str(node.get(NODE_LABEL_COLUMN, cfg.data.label_column)),
+            prompt_column=str(node.get(NODE_PROMPT_COLUMN, cfg.data.prompt_column)),
+            response_column=str(node.get(NODE_RESPONSE_COLUMN, cfg.data.response_column)),
+            messages_column=str(node.get(NODE_MESSAGES_COLUMN, cfg.data.messages_column)),
         )
+        data = read_site_file(columns, str(node[NODE_DATA_PATH]), labels)
         return data, int(context.node_id) % 1_000_003
     if NODE_PARTITION_ID not in node:
         raise ConfigError(

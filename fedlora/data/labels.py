@@ -19,9 +19,11 @@ class LabelSpace:
     """The federation's ordered label names."""
 
     names: tuple[str, ...]
+    #: Free-text answers (a causal LM's summaries): one placeholder "label".
+    free_text: bool = False
 
     def __post_init__(self) -> None:
-        if len(self.names) < 2:
+        if len(self.names) < 2 and not (self.free_text and len(self.names) == 1):
             raise DataError(
                 f"a label list needs at least 2 labels, got {list(self.names)}; "
                 "set labels='a,b,...' in the run config"
@@ -33,6 +35,11 @@ class LabelSpace:
     def of(cls, names: Iterable[str]) -> LabelSpace:
         """Build from any iterable of names (kept in the given order)."""
         return cls(tuple(str(n) for n in names))
+
+    @classmethod
+    def open_ended(cls) -> LabelSpace:
+        """The label space of free-text instruction data (no label list)."""
+        return cls(("response",), free_text=True)
 
     def __len__(self) -> int:
         return len(self.names)

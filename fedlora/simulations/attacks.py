@@ -19,6 +19,7 @@ that many attack. Noise is drawn from ``(seed, round, partition)``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -88,12 +89,10 @@ def poison_update(
 def flip_labels(data: TextDataset) -> TextDataset:
     """Every label moved to the next class (``y -> (y + 1) mod K``): all wrong."""
     k = len(data.labels)
-    return TextDataset(
-        texts=data.texts,
+    return dataclasses.replace(
+        data,
         label_ids=tuple((y + 1) % k for y in data.label_ids),
-        labels=data.labels,
         source=f"{data.source} (labels flipped)",
-        groups=data.groups,
     )
 
 
