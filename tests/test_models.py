@@ -316,14 +316,17 @@ def test_train_epochs_adds_the_log_prior_to_the_training_loss_only(tiny_model_di
     assert moved > 0
 
 
-def test_the_task_seam_names_its_one_task_and_refuses_others() -> None:
+def test_the_task_seam_names_its_tasks_and_refuses_others() -> None:
     from fedlora.errors import ConfigError
-    from fedlora.models.task import SEQUENCE_CLASSIFICATION, get_task
+    from fedlora.models.task import CAUSAL_LM, SEQUENCE_CLASSIFICATION, get_task
+    from fedlora.task_settings import TASK_NAMES
 
     assert get_task() is SEQUENCE_CLASSIFICATION
-    assert get_task("classification").name == "classification"
-    with pytest.raises(ConfigError, match="task 'causal-lm' is not known; known tasks: classif"):
-        get_task("causal-lm")
+    assert get_task("causal-lm") is CAUSAL_LM
+    assert tuple(TASKS_ORDER := ("classification", "causal-lm")) == TASK_NAMES
+    with pytest.raises(ConfigError, match="task 'seq2seq' is not known; known tasks: classif"):
+        get_task("seq2seq")
+    assert TASKS_ORDER
 
 
 def test_classification_loss_adds_the_prior_to_the_objective_only() -> None:

@@ -170,7 +170,7 @@ def statistics_reply(
                 ledger.check_releases(limits.epsilon_cap, center_release(cfg))
         elif cfg.privacy.dp_mode != "none":
             raise ConfigError(f"feature-centering does not fit dp-mode={cfg.privacy.dp_mode}")
-        _cfg, model, encoded, _site = prepare(msg, context, overrides)
+        cfg, model, encoded, _site = prepare(msg, context, overrides)
         total, count = feature_statistics(model, encoded, cfg, ledger)
     except Exception as exc:  # every failure is a reply; see failure_reply
         return failure_reply(msg, exc, "feature statistics")
@@ -208,7 +208,7 @@ def train(
                 model, encoded, cfg, ledger, limits, server_round, generator
             )
         else:
-            result = local_train(model, encoded, cfg.train, generator)
+            result = local_train(model, encoded, cfg.train, generator, get_task(cfg.task))
         trained = trainable_state(model)
         if tamper is not None:  # simulations only (fedlora.simulations.attacks)
             trained = tamper.update(cfg, context, server_round, site, received, trained)
@@ -268,8 +268,8 @@ def evaluate_handler(
                 "ledger entry; the node refuses. Set fraction-evaluate=0 (the server "
                 "evaluates the global adapter on its own held-out split)"
             )
-        _cfg, model, encoded, _site = prepare(msg, context, overrides)
-        loss, accuracy, n = get_task().evaluate(model, encoded)
+        cfg, model, encoded, _site = prepare(msg, context, overrides)
+        loss, accuracy, n = get_task(cfg.task).evaluate(model, encoded)
     except Exception as exc:  # every failure is a reply; see failure_reply
         return failure_reply(msg, exc, "evaluation")
     metrics = MetricRecord({METRIC_NUM_EXAMPLES: n, METRIC_LOSS: loss, METRIC_ACCURACY: accuracy})

@@ -101,9 +101,9 @@ def local_dataset(cfg: RunConfig, context: Context) -> tuple[TextDataset, int]:
 
 
 @lru_cache(maxsize=8)
-def _encoded(task: str, model_path: str, max_len: int, texts: TextDataset) -> EncodedDataset:
+def _encoded(task: str, folder: str, max_len: int, texts: TextDataset) -> EncodedDataset:
     """Tokenised once per worker; ``texts`` (rows and label ids) is the cache key."""
-    return get_task(task).encode(load_tokenizer(model_path or None), texts, max_len)
+    return get_task(task).encode(load_tokenizer(folder), texts, max_len)
 
 
 def prepare(
@@ -126,10 +126,11 @@ def prepare(
         data = data.subset(range(cfg.train.max_train_examples))
     if tamper is not None:  # simulations only (fedlora.simulations.attacks)
         data = tamper.data(cfg, context, data)
-    task = get_task()
-    encoded = _encoded(task.name, cfg.model_path, cfg.train.max_seq_length, data)
+    task = get_task(cfg.task)
+    folder = str(task.folder(cfg.model_path or None))
+    encoded = _encoded(task.name, folder, cfg.train.max_seq_length, data)
     lora = dataclasses.replace(cfg.lora, rank=node.rank)
-    model = cached_model(cfg.model_path or None, len(data.labels), lora, cfg.seed, task.build_model)
+    model = cached_model(folder, len(data.labels), lora, cfg.seed, task.build_model)
     # Every use sets it: the cached model may have served another mode before.
     set_lora_a_trainable(model, node.trains_a)
     state = arrays_to_state(msg.content.array_records[ARRAYS_KEY])

@@ -35,6 +35,7 @@ from fedlora.client.train import TrainResult, label_log_prior, make_optimizer, t
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, PrivacyError
 from fedlora.models.batches import EncodedDataset, make_loader
+from fedlora.models.task import get_task
 from fedlora.privacy.accounting import HistoryEntry, noise_multiplier_for, steps_per_round
 from fedlora.privacy.dpsgd import make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger
@@ -316,6 +317,7 @@ def private_train(
         settings.local_epochs,
         generator,
         log_prior,
+        get_task(cfg.task),
     )
     # Only the ledger's totals leave (fedlora.privacy.releases); sigma and the
     # step count stay at the node.

@@ -167,14 +167,17 @@ def local_train(
     dataset: EncodedDataset,
     settings: TrainSettings,
     generator: torch.Generator,
+    task: Task = SEQUENCE_CLASSIFICATION,
 ) -> TrainResult:
-    """Non-private local training of the trainable tensors."""
+    """Non-private local training of the trainable tensors, on the ``task``'s loss."""
     loader = make_loader(dataset, settings.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(model, settings)
     log_prior = None
     if settings.logit_adjustment > 0:  # no DP here: the exact counts
         num_classes = int(getattr(model, "config").num_labels)  # noqa: B009
         log_prior = label_log_prior(dataset.labels, num_classes, settings.logit_adjustment)
-    result = train_epochs(model, loader, optimizer, settings.local_epochs, generator, log_prior)
+    result = train_epochs(
+        model, loader, optimizer, settings.local_epochs, generator, log_prior, task
+    )
     # Report the number of local examples (FedAvg's weight), not examples x epochs.
     return TrainResult(result.loss, result.accuracy, len(dataset), result.steps, result.seconds)

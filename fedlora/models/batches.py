@@ -18,21 +18,36 @@ from fedlora.errors import DataError
 
 
 class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
-    """Token ids (unpadded) and labels; batches are padded by :func:`collate`."""
+    """Token ids (unpadded) and labels; batches are padded by :func:`collate`.
 
-    def __init__(self, input_ids: list[list[int]], labels: Sequence[int], pad_id: int):
+    ``targets`` (a causal LM's per-token targets, -100 on the prompt) travel
+    with each row when given; ``labels`` stay the examples' label ids.
+    """
+
+    def __init__(
+        self,
+        input_ids: list[list[int]],
+        labels: Sequence[int],
+        pad_id: int,
+        targets: list[list[int]] | None = None,
+    ):
         self.input_ids = input_ids
         self.labels = list(labels)
         self.pad_id = pad_id
+        self.targets = targets
+        self.prompt_lengths: list[int] = []
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
+        item = {
             "input_ids": torch.tensor(self.input_ids[i], dtype=torch.long),
             "labels": torch.tensor(self.labels[i], dtype=torch.long),
         }
+        if self.targets is not None:
+            item["targets"] = torch.tensor(self.targets[i], dtype=torch.long)
+        return item
 
 
 def encode(tokenizer: Any, data: TextDataset, max_seq_length: int) -> EncodedDataset:
@@ -61,7 +76,13 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, 
         ids[row, :n] = item["input_ids"]
         mask[row, :n] = 1
     labels = torch.stack([b["labels"] for b in batch])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "targets" in batch[0]:  # per-token targets, padded with the ignore index
+        targets = torch.full((len(batch), length), -100, dtype=torch.long)
+        for row, item in enumerate(batch):
+            targets[row, : int(item["targets"].numel())] = item["targets"]
+        out["targets"] = targets
+    return out
 
 
 def make_loader(

@@ -18,8 +18,16 @@ import torch
 from fedlora.errors import ConfigError
 from fedlora.models.adapter import export_adapter
 from fedlora.models.batches import encode
+from fedlora.models.causal_lm import (
+    build_causal_lm,
+    encode_instructions,
+    export_causal_lm,
+    lm_evaluate,
+    lm_loss,
+    lm_model_folder,
+)
 from fedlora.models.inference import evaluate
-from fedlora.models.loading import build_model
+from fedlora.models.loading import build_model, resolve_model_path
 
 #: ``(model, padded batch, log prior or None) -> (mean loss, correct predictions)``
 LossFn = Callable[[Any, dict[str, torch.Tensor], torch.Tensor | None], tuple[torch.Tensor, int]]
@@ -53,6 +61,8 @@ class Task:
     loss: LossFn
     evaluate: Callable[..., tuple[float, float, int]]
     export: Callable[..., Any]
+    #: ``model-path -> folder``: the task's packaged default for an empty one, checked.
+    folder: Callable[..., Any] = resolve_model_path
 
 
 def classification_loss(
@@ -79,8 +89,18 @@ SEQUENCE_CLASSIFICATION = Task(
     export=export_adapter,
 )
 
+CAUSAL_LM = Task(
+    name="causal-lm",
+    build_model=build_causal_lm,
+    encode=encode_instructions,
+    loss=lm_loss,
+    evaluate=lm_evaluate,
+    export=export_causal_lm,
+    folder=lm_model_folder,
+)
+
 #: Tasks by name.
-TASKS: dict[str, Task] = {SEQUENCE_CLASSIFICATION.name: SEQUENCE_CLASSIFICATION}
+TASKS: dict[str, Task] = {t.name: t for t in (SEQUENCE_CLASSIFICATION, CAUSAL_LM)}
 
 
 def get_task(name: str = "classification") -> Task:

@@ -94,8 +94,8 @@ class GlobalEvaluator:
     def __init__(self, cfg: RunConfig, model: Any):
         _pool, test = simulation_split(cfg.data, cfg.seed)
         self.model = model
-        self.task = get_task()
-        tokenizer = load_tokenizer(cfg.model_path or None)
+        self.task = get_task(cfg.task)
+        tokenizer = load_tokenizer(self.task.folder(cfg.model_path or None))
         self.test = self.task.encode(tokenizer, test, cfg.train.max_seq_length)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
@@ -151,7 +151,9 @@ def _set_up(grid: Grid, cfg: RunConfig, run_dir: Path, history: RunHistory) -> _
     """The frozen base and initial adapter every node builds, and the strategy."""
     _pool, test = simulation_split(cfg.data, cfg.seed)
     labels = list(test.labels.names)
-    model = get_task().build_model(cfg.model_path or None, len(labels), cfg.lora, cfg.seed)
+    task = get_task(cfg.task)
+    folder = task.folder(cfg.model_path or None)
+    model = task.build_model(folder, len(labels), cfg.lora, cfg.seed)
     arrays = state_to_arrays(adapter_state(model))
     strategy = build_strategy(
         cfg.strategy, cfg.strategy_options, cfg.fraction_evaluate, cfg.train.compression
@@ -261,7 +263,7 @@ def _export(run: _Run, final: ArrayRecord, status: str, reason: str) -> str:
         "status": status,
     }
     out = run.run_dir / ADAPTER_DIR
-    get_task().export(run.model, arrays_to_state(final), out, run.labels, metadata)
+    get_task(cfg.task).export(run.model, arrays_to_state(final), out, run.labels, metadata)
     write_status(run.run_dir, status, reason, rounds_completed=metadata["rounds_completed"])
     return status
 
