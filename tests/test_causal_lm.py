@@ -22,31 +22,15 @@ from fedlora.models.causal_lm import (
     lm_model_folder,
 )
 from fedlora.models.loading import default_model_path, load_tokenizer
-from fedlora.models.packaged_lm import packaged_lm_path
 from fedlora.settings import LoraSettings
+from fedlora.simulations.tiny import make_tiny_llama
 
 LORA = LoraSettings(rank=4, alpha=8.0, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = load_tokenizer(packaged_lm_path())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +180,74 @@ def test_task_settings_that_do_not_fit_are_named_in_one_error() -> None:
         RunConfig.from_flat({"base-quantization": "int8"})
     with pytest.raises(ConfigError, match="'task' .*classification, causal-lm"):
         RunConfig.from_flat({"task": "seq2seq"})
+
+
+def test_generative_metrics_by_hand_checks(tiny_folder: Path, drug_rows: Any) -> None:
+    from fedlora.models.lm_eval import chosen_metrics, lm_metrics
+    from fedlora.task_settings import LmSettings
+
+    tok = load_tokenizer(tiny_folder)
+    enc = encode_instructions(tok, drug_rows, 256)
+    assert [tok.decode(c) for c in enc.choices] == [
+        "negative<|im_end|>",
+        "neutral<|im_end|>",
+        "positive<|im_end|>",
+    ]
+    model = build_causal_lm(tiny_folder, 3, LORA, 0)
+    settings = LmSettings(max_new_tokens=4)
+    out = lm_metrics(model, enc, tok, settings, list(drug_rows.labels.names))
+    loss, _acc, _n = lm_evaluate(model, enc)
+    assert out["loss"] == pytest.approx(loss)
+    assert 0 <= out["choice"] <= 1 and 0 <= out["exact-match"] <= 1 and out["perplexity"] > 1
+    assert out["accuracy"] == out["choice"]
+    with pytest.raises(Exception, match="free-text answers. Set labels="):
+        chosen_metrics(LmSettings(lm_metrics=("choice",)), label_style=False)
+    assert chosen_metrics(LmSettings(), label_style=False) == ("perplexity", "rouge-l")
+
+
+@pytest.mark.slow
+def test_real_flower_simulation_of_the_causal_lm(tiny_folder: Path, tmp_path: Path) -> None:
+    """3 virtual clients, 2 rounds, task=causal-lm on drug reviews split by condition."""
+    import json
+
+    import numpy as np
+
+    from fedlora.simulations.engine import Resources, simulate
+
+    run_dir = tmp_path / "run"
+    overrides = {
+        "task": "causal-lm",
+        "model-path": str(tiny_folder),
+        "dataset": "drug-sentiment",
+        "partitioner": "column",
+        "num-server-rounds": 2,
+        "lora-rank": 4,
+        "lora-alpha": 8,
+        "lora-dropout": 0.0,
+        "batch-size": 4,
+        "learning-rate": 0.01,
+        "max-seq-length": 96,
+        "max-train-examples": 8,
+        "eval-max-examples": 12,
+        "max-new-tokens": 4,
+        "min-train-nodes": 3,
+        "run-dir": str(run_dir),
+        "seed": 3,
+    }
+    status = simulate(overrides, 3, Resources(num_cpus=1))
+    assert status["status"] == "completed", status
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["clients_ok"] == 3 for r in rounds[1:])
+    for r in rounds:
+        assert {"global_perplexity", "global_choice", "global_exact_match"} <= set(r["extra"])
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "global_perplexity" in header and "global_choice" in header
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    b = [v for k, v in exported.items() if "lora_B" in k]
+    assert b and any(float(np.abs(v).max()) > 0 for v in b)  # B starts at 0: it trained
+    assert json.loads((run_dir / "adapter" / "fedlora_metadata.json").read_text())["task"] == (
+        "causal-lm"
+    )

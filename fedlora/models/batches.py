@@ -35,7 +35,8 @@ class EncodedDataset(Dataset[dict[str, torch.Tensor]]):
         self.labels = list(labels)
         self.pad_id = pad_id
         self.targets = targets
-        self.prompt_lengths: list[int] = []
+        self.prompt_lengths: list[int] = []  # causal LM: where each response starts
+        self.choices: list[list[int]] = []  # causal LM, label answers: each label's tokens
 
     def __len__(self) -> int:
         return len(self.labels)

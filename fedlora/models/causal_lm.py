@@ -11,6 +11,7 @@ output embeddings, which also works under Opacus' wrapper.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -192,6 +193,12 @@ def encode_instructions(tokenizer: Any, data: TextDataset, max_seq_length: int) 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = EncodedDataset(ids, data.label_ids, int(pad or 0), targets=targets)
     out.prompt_lengths = prompts
+    if data.label_style:  # each label's answer tokens, rendered by the same template
+        for name in data.labels.names:
+            one = dataclasses.replace(data.subset([0]), responses=(name,))
+            out.choices.append(
+                tokenizer(_chat(tokenizer, one, 0)[1], add_special_tokens=False)["input_ids"]
+            )
     return out
 
 

@@ -27,6 +27,7 @@ from fedlora.models.causal_lm import (
     lm_model_folder,
 )
 from fedlora.models.inference import evaluate
+from fedlora.models.lm_eval import lm_metrics
 from fedlora.models.loading import build_model, resolve_model_path
 
 #: ``(model, padded batch, log prior or None) -> (mean loss, correct predictions)``
@@ -63,6 +64,9 @@ class Task:
     export: Callable[..., Any]
     #: ``model-path -> folder``: the task's packaged default for an empty one, checked.
     folder: Callable[..., Any] = resolve_model_path
+    #: ``(model, dataset, tokenizer, LmSettings, labels) -> metrics``: the server's
+    #: per-round scores beyond ``evaluate`` (generative metrics); None = loss, accuracy.
+    metrics: Callable[..., dict[str, float]] | None = None
 
 
 def classification_loss(
@@ -97,6 +101,7 @@ CAUSAL_LM = Task(
     evaluate=lm_evaluate,
     export=export_causal_lm,
     folder=lm_model_folder,
+    metrics=lm_metrics,
 )
 
 #: Tasks by name.

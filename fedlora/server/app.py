@@ -35,6 +35,7 @@ from fedlora.config import RunConfig
 from fedlora.data.partition import simulation_split
 from fedlora.io import atomic_write_bytes, atomic_write_json
 from fedlora.models.adapter import adapter_state, load_adapter_state
+from fedlora.models.lm_eval import chosen_metrics
 from fedlora.models.loading import load_tokenizer, resolve_model_path
 from fedlora.models.pooling import resolve_pooling, set_feature_center
 from fedlora.models.task import get_task
@@ -68,7 +69,7 @@ from fedlora.server.loop import (
     progress_line,
     run_rounds,
 )
-from fedlora.server.report import ClientLog, dp_metadata, round_record
+from fedlora.server.report import ClientLog, dp_metadata, global_extras, round_record
 from fedlora.server.secagg import SecAggStep
 from fedlora.server.secagg_flower import SecAggSettings, SecureAggregationFailed
 from fedlora.server.stops import RunStopped
@@ -97,9 +98,14 @@ class GlobalEvaluator:
         self.task = get_task(cfg.task)
         tokenizer = load_tokenizer(self.task.folder(cfg.model_path or None))
         self.test = self.task.encode(tokenizer, test, cfg.train.max_seq_length)
+        self.tokenizer, self.lm, self.labels = tokenizer, cfg.lm, list(test.labels.names)
+        if self.task.metrics is not None:  # a bad lm-metrics fails here, before round 1
+            chosen_metrics(cfg.lm, test.label_style)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         load_adapter_state(self.model, arrays_to_state(arrays))
+        if self.task.metrics is not None:
+            return self.task.metrics(self.model, self.test, self.tokenizer, self.lm, self.labels)
         loss, acc, _n = self.task.evaluate(self.model, self.test)
         return {METRIC_LOSS: loss, METRIC_ACCURACY: acc}
 
@@ -191,7 +197,10 @@ def _resume_or_start(run: _Run) -> None:
     initial = run.evaluator(0, run.arrays)
     run.history.add(
         RoundRecord(
-            round=0, global_loss=initial[METRIC_LOSS], global_accuracy=initial[METRIC_ACCURACY]
+            round=0,
+            global_loss=initial[METRIC_LOSS],
+            global_accuracy=initial[METRIC_ACCURACY],
+            extra=global_extras(initial),
         )
     )
     log.info(

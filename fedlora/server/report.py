@@ -91,10 +91,21 @@ def dp_metadata(cfg: RunConfig, history: RunHistory, strategy: Any) -> dict[str,
     }
 
 
+def global_extras(g: dict[str, float]) -> dict[str, float]:
+    """The server's metrics beyond loss and accuracy (a causal LM's perplexity, choice,
+    exact-match, ROUGE-L), as ``global_<name>`` history columns."""
+    return {
+        f"global_{k.replace('-', '_')}": v
+        for k, v in g.items()
+        if k not in (METRIC_LOSS, METRIC_ACCURACY)
+    }
+
+
 def round_record(outcome: RoundOutcome) -> RoundRecord:
     """The history row of a round."""
     g, t, e = outcome.global_metrics, outcome.train_metrics, outcome.eval_metrics
     extra = {k: v for k, v in t.items() if k not in (METRIC_LOSS, METRIC_ACCURACY)}
+    extra.update(global_extras(g))
     return RoundRecord(
         round=outcome.server_round,
         global_loss=g.get(METRIC_LOSS),

@@ -86,6 +86,34 @@ def make_tiny_model(folder: Path, hidden: int = 16, layers: int = 1) -> Path:
     return folder
 
 
+def make_tiny_llama(folder: Path) -> Path:
+    """A 2-layer Llama from a config with SmolLM2's real tokenizer and chat template
+    (the packaged model's, converted once), for seconds-long causal-LM runs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedlora.models.loading import load_tokenizer
+    from fedlora.models.packaged_lm import packaged_lm_path
+
+    tokenizer = load_tokenizer(packaged_lm_path())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def make_text_csv(path: Path, n: int = 120, seed: int = 0, sites: int = 0) -> Path:
     """A learnable 3-class CSV: each text uses its class's words."""
     rng = random.Random(seed)
