@@ -251,3 +251,9 @@ def test_real_flower_simulation_of_the_causal_lm(tiny_folder: Path, tmp_path: Pa
     assert json.loads((run_dir / "adapter" / "fedlora_metadata.json").read_text())["task"] == (
         "causal-lm"
     )
+    from fedlora.models.generation import generate_text
+
+    answer = generate_text(run_dir, "Is this review positive? 'Great drug.'", max_new_tokens=3)
+    assert isinstance(answer, str)  # plain PEFT reload + chat template + greedy decode
+    with pytest.raises(ModelError, match="holds no exported adapter"):
+        generate_text(tmp_path, "hi")

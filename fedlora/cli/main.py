@@ -135,6 +135,22 @@ def report(
     typer.echo(f"tensorboard: tensorboard --logdir {written['tensorboard']}")
 
 
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A task=causal-lm run directory.")],
+    prompt: Annotated[str, typer.Argument(help="The instruction to answer.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
+) -> None:
+    """Answer PROMPT with the base model plus the run's federated adapter, streaming tokens."""
+    from fedlora.models.generation import generate_text
+
+    try:
+        generate_text(run_dir, prompt, max_new_tokens, stream=True)
+    except FedloraError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
 def main() -> None:  # pragma: no cover - console entry
     """Entry point that never shows a traceback for a user error."""
     try:
