@@ -205,6 +205,21 @@ def test_generative_metrics_by_hand_checks(tiny_folder: Path, drug_rows: Any) ->
     assert chosen_metrics(LmSettings(), label_style=False) == ("perplexity", "rouge-l")
 
 
+def _sim_base(tiny_folder: Path) -> dict[str, Any]:
+    """What both causal-LM simulations share: tiny Llama, drug reviews by condition."""
+    return {
+        "task": "causal-lm",
+        "model-path": str(tiny_folder),
+        "dataset": "drug-sentiment",
+        "partitioner": "column",
+        "num-server-rounds": 2,
+        "lora-rank": 4,
+        "lora-alpha": 8,
+        "lora-dropout": 0.0,
+        "batch-size": 4,
+    }
+
+
 @pytest.mark.slow
 def test_real_flower_simulation_of_the_causal_lm(tiny_folder: Path, tmp_path: Path) -> None:
     """3 virtual clients, 2 rounds, task=causal-lm on drug reviews split by condition."""
@@ -216,15 +231,7 @@ def test_real_flower_simulation_of_the_causal_lm(tiny_folder: Path, tmp_path: Pa
 
     run_dir = tmp_path / "run"
     overrides = {
-        "task": "causal-lm",
-        "model-path": str(tiny_folder),
-        "dataset": "drug-sentiment",
-        "partitioner": "column",
-        "num-server-rounds": 2,
-        "lora-rank": 4,
-        "lora-alpha": 8,
-        "lora-dropout": 0.0,
-        "batch-size": 4,
+        **_sim_base(tiny_folder),
         "learning-rate": 0.01,
         "max-seq-length": 96,
         "max-train-examples": 8,
@@ -269,15 +276,7 @@ def test_local_dp_simulation_of_the_causal_lm_is_accounted(
     from fedlora.simulations.engine import Resources, simulate
 
     overrides = {
-        "task": "causal-lm",
-        "model-path": str(tiny_folder),
-        "dataset": "drug-sentiment",
-        "partitioner": "column",
-        "num-server-rounds": 2,
-        "lora-rank": 4,
-        "lora-alpha": 8,
-        "lora-dropout": 0.0,
-        "batch-size": 4,
+        **_sim_base(tiny_folder),
         "optimizer": "sgd",
         "learning-rate": 0.5,
         "max-seq-length": 96,
