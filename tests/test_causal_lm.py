@@ -81,6 +81,54 @@ def test_int4_base_is_refused_with_the_reason(tiny_folder: Path) -> None:
         build_causal_lm(tiny_folder, 3, dataclasses.replace(LORA, base_quantization="int4"), 0)
 
 
+def test_int8_base_keeps_int8_weights_and_trains_the_same_adapter(
+    tiny_folder: Path, drug_rows: Any
+) -> None:
+    """torchao int8 under PEFT's LoRA: same payload, close logits, exact per-example grads."""
+    import dataclasses
+
+    from opacus import GradSampleModule
+    from torchao.utils import TorchAOBaseTensor
+
+    plain = build_causal_lm(tiny_folder, 3, LORA, 0).eval()
+    q8 = build_causal_lm(tiny_folder, 3, dataclasses.replace(LORA, base_quantization="int8"), 0)
+    q_proj = q8.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.get_base_layer().weight, TorchAOBaseTensor)
+    assert {k: v.shape for k, v in trainable_state(q8).items()} == {
+        k: v.shape for k, v in trainable_state(plain).items()
+    }  # what travels does not depend on how the base is stored
+    enc = encode_instructions(load_tokenizer(tiny_folder), drug_rows, 256)
+    batch = collate([enc[i] for i in range(4)], enc.pad_id)
+    with torch.no_grad():
+        a = plain(input_ids=batch["input_ids"]).logits
+        b = q8.eval()(input_ids=batch["input_ids"]).logits
+    # per-channel int8 rounding: a few percent of the logits' scale, never garbage
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
+    assert float((a - b).abs().max()) > 0  # it really is quantised
+    q8.train()  # Opacus records activations in training mode only
+    for name, p in q8.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    params = [(n, p) for n, p in q8.named_parameters() if p.requires_grad]
+    slow = []
+    for i in range(4):
+        q8.zero_grad()
+        lm_loss(q8, collate([enc[i]], enc.pad_id))[0].backward()
+        slow.append({n: p.grad.detach().clone() for n, p in params})  # type: ignore[union-attr]
+    q8.zero_grad()
+    gsm = GradSampleModule(q8, loss_reduction="mean")
+    lm_loss(gsm, batch)[0].backward()
+    for name, p in params:
+        for i in range(4):
+            torch.testing.assert_close(
+                p.grad_sample[i],
+                slow[i][name],
+                rtol=1e-3,
+                atol=1e-6,  # type: ignore[attr-defined]
+            )
+    gsm._close()
+
+
 def test_payload_is_only_lora_on_attention_and_training_lowers_loss(
     tiny_folder: Path, drug_rows: Any
 ) -> None:

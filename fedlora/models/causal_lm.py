@@ -86,22 +86,13 @@ def build_causal_lm(
     from transformers import AutoModelForCausalLM
 
     del num_labels  # the answer is text; the label list lives in the data
-    if lora.base_quantization == "int4":
-        raise ModelError(
-            "base-quantization=int4 is not supported here: PEFT's LoRA over 4-bit "
-            "weights needs bitsandbytes' CUDA backend (torchao int4 layers have no PEFT "
-            "LoRA yet). Use base-quantization=int8 on CPU, or none"
-        )
-    if lora.base_quantization == "int8":
-        raise ModelError(
-            "base-quantization=int8 is not available in this version yet; use "
-            "base-quantization=none (issue 19 note lists what is left)"
-        )
     path = lm_model_folder(model_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, **quantization_kwargs(lora.base_quantization)
+            )
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelError(f"cannot load a causal LM from {path}: {exc}") from exc
         base = base.to(torch.device(device))  # type: ignore[arg-type]  # move first, wrap second (opacus#820)
@@ -118,6 +109,34 @@ def build_causal_lm(
             raise ModelError(
                 f"lora-target-modules do not match the model's layers ({exc})"
             ) from exc
+
+
+def quantization_kwargs(mode: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that keep the frozen base's linear weights in ``mode``.
+
+    int8 is torchao's weight-only int8 (per-channel scales), which runs on CPU
+    and which PEFT wraps with its own LoRA layer (``TorchaoLoraLinear``): the
+    base's linear weights shrink 4x, the adapters stay fp32 and train as
+    usual. int4 is refused: PEFT's torchao LoRA layer is int8-only and its
+    4-bit path (bitsandbytes) needs CUDA.
+    """
+    if mode == "none":
+        return {}
+    if mode == "int4":
+        raise ModelError(
+            "base-quantization=int4 is not supported on this machine: PEFT's LoRA over "
+            "4-bit weights needs bitsandbytes' CUDA backend, and PEFT's torchao LoRA layer "
+            "is int8-only. Use base-quantization=int8 on CPU, or none"
+        )
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+    except ImportError as exc:
+        raise ModelError(
+            "base-quantization=int8 needs torchao; run `pip install torchao` "
+            "(scripts/setup.sh does) or set base-quantization=none"
+        ) from exc
+    return {"quantization_config": TorchAoConfig(quant_type=Int8WeightOnlyConfig())}
 
 
 def _chat(tokenizer: Any, data: TextDataset, i: int) -> tuple[str, str]:
