@@ -31,7 +31,12 @@ CASES: dict[str, dict[str, Any]] = {
 #: fedlora.privacy.dpsgd): only what does not depend on the noise is compared
 #: (ε, δ, bytes, counts), not losses, accuracies or the adapter's tensors.
 NOISY = {"fedavg-local-dp"}
-NOISY_FIELDS = ("global_accuracy", "global_loss", "adapter_model.safetensors")
+NOISY_FIELDS = (
+    "global_accuracy",
+    "global_loss",
+    "adapter_model.safetensors",
+    "standalone/model.safetensors",  # the merged weights carry the same noise
+)
 #: Fields of metrics.json that measure time or machine, not results.
 VOLATILE = ("seconds", "time", "duration", "wall")
 

@@ -169,6 +169,30 @@ def export_adapter(
     return out
 
 
+def export_classifier(
+    model: Any,
+    state: State,
+    out_dir: str | os.PathLike[str],
+    labels: list[str],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """The classifier's export: the PEFT adapter plus a ``standalone/`` transformers folder.
+
+    See :mod:`fedlora.models.standalone`: the standalone folder loads with
+    plain transformers to fedlora's logits, and a mean-pooled adapter is
+    marked so that a plain PEFT load fails instead of predicting garbage.
+    """
+    from fedlora.models.loading import load_tokenizer
+    from fedlora.models.standalone import export_standalone, mark_mean_pooled
+
+    out = export_adapter(model, state, out_dir, labels, metadata)
+    base = str(model.peft_config["default"].base_model_name_or_path or "")
+    export_standalone(model, out, labels, load_tokenizer(base or None))
+    if any(isinstance(m, MaskedMeanPooler) for m in model.modules()):
+        mark_mean_pooled(out)
+    return out
+
+
 def load_exported(
     adapter_dir: str | os.PathLike[str], model_path: str | None = None
 ) -> tuple[Any, list[str]]:
@@ -201,4 +225,7 @@ def load_exported(
         from safetensors.torch import load_file
 
         set_feature_center(base, load_file(str(center_file))["center"].numpy())
-    return PeftModel.from_pretrained(base, str(adapter_path)), labels
+    from fedlora.models.standalone import peft_config_of
+
+    config = peft_config_of(adapter_path)
+    return PeftModel.from_pretrained(base, str(adapter_path), config=config), labels

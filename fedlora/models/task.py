@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.models.adapter import export_adapter
+from fedlora.models.adapter import export_classifier
 from fedlora.models.batches import encode
 from fedlora.models.causal_lm import (
     build_causal_lm,
@@ -90,7 +90,7 @@ SEQUENCE_CLASSIFICATION = Task(
     encode=encode,
     loss=classification_loss,
     evaluate=evaluate,
-    export=export_adapter,
+    export=export_classifier,
 )
 
 CAUSAL_LM = Task(
