@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -67,6 +68,40 @@ def _canonical(path: Path, workdir: Path) -> bytes:
     return json.dumps(obj, sort_keys=True).encode()
 
 
+def _fingerprint(path: Path, workdir: Path) -> Any:
+    """A tensor file's per-tensor (sum, sum of squares); any other file's sha256.
+
+    Tensors are compared with a tolerance (:func:`same`): the last bits of a
+    float sum move with the BLAS build, so a hash of the bytes would fail on a
+    machine whose libraries differ while the results do not.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return {
+            k: [float(v.astype("float64").sum()), float((v.astype("float64") ** 2).sum())]
+            for k, v in sorted(load_file(str(path)).items())
+        }
+    return hashlib.sha256(_canonical(path, workdir)).hexdigest()
+
+
+def same(got: Any, expected: Any, rel: float = 1e-5, path: str = "") -> list[str]:
+    """Where ``got`` differs from ``expected`` (floats within ``rel``, all else exactly)."""
+    if isinstance(expected, dict) and isinstance(got, dict):
+        if sorted(got) != sorted(expected):
+            return [f"{path}: keys {sorted(set(got) ^ set(expected))[:5]} differ"]
+        return [d for k in expected for d in same(got[k], expected[k], rel, f"{path}/{k}")]
+    if isinstance(expected, list) and isinstance(got, list):
+        if len(got) != len(expected):
+            return [f"{path}: length {len(got)} != {len(expected)}"]
+        pairs = enumerate(zip(got, expected, strict=True))
+        return [d for i, (g, e) in pairs for d in same(g, e, rel, f"{path}[{i}]")]
+    if isinstance(expected, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        ok = math.isclose(got, expected, rel_tol=rel, abs_tol=1e-9)
+        return [] if ok else [f"{path}: {got!r} != {expected!r}"]
+    return [] if got == expected else [f"{path}: {got!r} != {expected!r}"]
+
+
 def run_case(name: str, workdir: Path) -> dict[str, Any]:
     """Run one case; its stable metrics and its exported adapter's file hashes."""
     from fedlora.simulations.engine import Resources, simulate
@@ -87,7 +122,7 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
         raise RuntimeError(f"regression case {name} did not complete: {status}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     adapter = {
-        str(p.relative_to(run_dir)): hashlib.sha256(_canonical(p, workdir)).hexdigest()
+        str(p.relative_to(run_dir)): _fingerprint(p, workdir)
         for p in sorted((run_dir / "adapter").rglob("*"))
         if p.is_file()
     }

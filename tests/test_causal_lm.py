@@ -308,8 +308,16 @@ def test_real_flower_simulation_of_the_causal_lm(tiny_folder: Path, tmp_path: Pa
     )
     from fedlora.models.generation import generate_text
 
-    answer = generate_text(run_dir, "Is this review positive? 'Great drug.'", max_new_tokens=3)
+    prompt = "Is this review positive? 'Great drug.'"
+    answer = generate_text(run_dir, prompt, max_new_tokens=3)
     assert isinstance(answer, str)  # plain PEFT reload + chat template + greedy decode
+    from fedlora.models.predict import predict_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": prompt}) + "\n" + json.dumps({"prompt": prompt}))
+    out = predict_file(run_dir, prompts, max_new_tokens=3)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["response"] for r in rows] == [answer, answer]  # same greedy path, batched
     with pytest.raises(ModelError, match="holds no exported adapter"):
         generate_text(tmp_path, "hi")
 
@@ -344,3 +352,82 @@ def test_local_dp_simulation_of_the_causal_lm_is_accounted(
     assert [r["clients_ok"] for r in rounds[1:]] == [3, 3]
     eps = [r["extra"]["epsilon-max"] for r in rounds[1:]]
     assert 0 < eps[0] < eps[1] < 50  # measured 5.38 then 7.41 (RDP, sigma=1, q=0.5)
+
+
+#: One real simulation per row: every aggregation path, on the LM's adapters.
+_LM_STRATEGIES = {
+    "lora-exact+int8": {"strategy": "lora-exact", "compression": "int8"},
+    "ffa-lora+secagg": {"strategy": "ffa-lora", "secagg": True},
+    "hetero-rank+int4": {
+        "strategy": "hetero-rank",
+        "sim-client-ranks": "2,4,4",
+        "compression": "int4",
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(_LM_STRATEGIES))
+def test_every_aggregation_path_serves_the_causal_lm(
+    case: str, tiny_folder: Path, tmp_path: Path
+) -> None:
+    """lora-exact, ffa-lora over SecAgg+, hetero-rank, int8/int4 uploads: 3 sites, 1 round."""
+    import io
+    import json
+
+    import numpy as np
+
+    from fedlora.simulations.engine import Resources, simulate
+
+    run_dir = tmp_path / "run"
+    overrides = {
+        **_sim_base(tiny_folder),
+        **_LM_STRATEGIES[case],
+        "num-server-rounds": 1,
+        "learning-rate": 0.01,
+        "max-seq-length": 64,
+        "max-train-examples": 4,
+        "eval-max-examples": 4,
+        "lm-metrics": "perplexity",
+        "min-train-nodes": 3,
+        "run-dir": str(run_dir),
+        "seed": 5,
+    }
+    status = simulate(overrides, 3, Resources(num_cpus=1))
+    assert status["status"] == "completed", status
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["clients_ok"] == 3 and "global_perplexity" in rounds[1]["extra"]
+    raw = np.load(io.BytesIO((run_dir / "checkpoint" / "adapter.npz").read_bytes()))
+    final = {k: raw[k] for k in raw.files}
+    initial = adapter_state(build_causal_lm(tiny_folder, 3, LORA, overrides["seed"]))
+    assert final.keys() == initial.keys()  # the global adapter keeps its full rank (4)
+    moved = [k for k in final if not np.array_equal(final[k], initial[k])]
+    assert any(".lora_B." in k for k in moved)  # B starts at zero: the round trained it
+    if case.startswith("ffa-lora"):
+        assert not any(".lora_A." in k for k in moved)  # A frozen, bit for bit, via SecAgg+
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_fedavg_of_lm_adapters_is_the_hand_computed_weighted_mean(tiny_folder: Path) -> None:
+    """Every q/k/v/o LoRA tensor of the tiny Llama: all 1s (4 examples) and all 5s
+    (12 examples) average to (1*4 + 5*12) / 16 = 4 exactly."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from fedlora.protocol import ARRAYS_KEY, METRIC_NUM_EXAMPLES
+    from fedlora.strategies.registry import build_strategy
+
+    shapes = {
+        k: v.shape for k, v in trainable_state(build_causal_lm(tiny_folder, 3, LORA, 0)).items()
+    }
+
+    def reply(value: float, n: int) -> Message:
+        arrays = ArrayRecord({k: Array(np.full(s, value, np.float32)) for k, s in shapes.items()})
+        metrics = MetricRecord({METRIC_NUM_EXAMPLES: n})
+        content = RecordDict({ARRAYS_KEY: arrays, "metrics": metrics})
+        return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    arrays, _ = build_strategy("fedavg").aggregate_train(1, [reply(1.0, 4), reply(5.0, 12)])
+    assert arrays is not None and set(arrays.keys()) == set(shapes)
+    for key, shape in shapes.items():
+        np.testing.assert_array_equal(arrays[key].numpy(), np.full(shape, 4.0, np.float32))

@@ -149,3 +149,36 @@ def test_a_second_export_into_the_same_folder_leaves_no_stale_pooling_code(
     assert not (out / "standalone" / "modeling_fedlora.py").exists()
     config = json.loads((out / "standalone" / "config.json").read_text())
     assert config["model_type"] == "bert" and "auto_map" not in config
+
+
+def test_predict_writes_labels_and_scores_equal_to_the_model(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """`fedlora predict` on a CSV: the input rows plus prediction, confidence, p_<label>."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fedlora.cli.main import app
+
+    lora = LoraSettings(rank=4, alpha=8.0, dropout=0.0, pooling="mean", pooling_layers=2)
+    model, state = _trained(tiny_dir, lora, center=False)
+    run_dir = tmp_path / "run"
+    meta = {"pooling": "mean", "pooling_layers": 2}
+    export_classifier(model, state, run_dir / "adapter", LABELS, meta)
+    expected = torch.softmax(torch.tensor(_fedlora_logits(model, tiny_dir)), -1).numpy()
+    src = tmp_path / "notes.csv"
+    pd.DataFrame({"id": [7, 8, 9], "note": TEXTS}).to_csv(src, index=False)
+    result = CliRunner().invoke(app, ["predict", str(run_dir), "-i", str(src), "--column", "note"])
+    assert result.exit_code == 0, result.output
+    out = pd.read_csv(tmp_path / "notes.predictions.csv")
+    assert list(out["id"]) == [7, 8, 9] and list(out["note"]) == TEXTS  # rows kept, in order
+    probs = out[[f"p_{name}" for name in LABELS]].to_numpy()
+    np.testing.assert_allclose(probs, expected, atol=2e-6)
+    assert list(out["prediction"]) == [LABELS[i] for i in expected.argmax(-1)]
+    np.testing.assert_allclose(out["confidence"], expected.max(-1), atol=2e-6)
+    # Bad input: the missing column is named with the columns there are; exit code 2.
+    bad = CliRunner().invoke(app, ["predict", str(run_dir), "-i", str(src)])
+    assert bad.exit_code == 2
+    assert "no column 'text'; columns are: id, note" in bad.output
+    missing = CliRunner().invoke(app, ["predict", str(tmp_path), "-i", str(src)])
+    assert missing.exit_code == 2 and "holds no exported adapter" in missing.output

@@ -151,6 +151,33 @@ def generate(
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (or its adapter/).")],
+    input_file: Annotated[
+        Path, typer.Option("--input", "-i", help="CSV, JSONL or Parquet file of inputs.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write (default INPUT.predictions.EXT)."),
+    ] = None,
+    column: Annotated[
+        str | None,
+        typer.Option(help="Input column (default: text for a classifier, prompt for an LM)."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Causal LM: longest answer.")] = 64,
+) -> None:
+    """Write INPUT's rows with the run's predictions (labels and scores, or answers)."""
+    from fedlora.models.predict import predict_file
+
+    try:
+        out = predict_file(run_dir, input_file, output, column, max_new_tokens)
+    except FedloraError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    typer.echo(f"predictions: {out}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     """Entry point that never shows a traceback for a user error."""
     try:

@@ -193,6 +193,18 @@ def export_classifier(
     return out
 
 
+def exported_folder(run_dir: str | os.PathLike[str]) -> Path:
+    """The exported adapter of a run directory (or the folder itself if it is one)."""
+    run = Path(run_dir)
+    folder = run / "adapter" if (run / "adapter").is_dir() else run
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{run} holds no exported adapter (adapter/adapter_config.json); pass a run "
+            "directory whose run finished, or its adapter/ folder"
+        )
+    return folder
+
+
 def load_exported(
     adapter_dir: str | os.PathLike[str], model_path: str | None = None
 ) -> tuple[Any, list[str]]:
@@ -228,4 +240,10 @@ def load_exported(
     from fedlora.models.standalone import peft_config_of
 
     config = peft_config_of(adapter_path)
-    return PeftModel.from_pretrained(base, str(adapter_path), config=config), labels
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_path), config=config), labels
+    except RuntimeError as exc:  # torch's size mismatch: the wrong base or metadata
+        raise ModelError(
+            f"{adapter_path} does not fit the base model {path} ({str(exc)[:300]}); load it "
+            f"on the base named in its adapter_config.json, with its {METADATA_FILE}"
+        ) from exc

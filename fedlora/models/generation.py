@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fedlora.errors import ModelError
-from fedlora.models.adapter import METADATA_FILE
+from fedlora.models.adapter import METADATA_FILE, exported_folder
 
 
 def load_for_generation(adapter_dir: Path) -> tuple[Any, Any]:
@@ -22,12 +22,8 @@ def load_for_generation(adapter_dir: Path) -> tuple[Any, Any]:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
+    adapter_dir = exported_folder(adapter_dir)
     meta_file = adapter_dir / METADATA_FILE
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelError(
-            f"{adapter_dir} holds no exported adapter (adapter_config.json); pass a run "
-            "directory whose run finished, or its adapter/ folder"
-        )
     task = json.loads(meta_file.read_text()).get("task") if meta_file.is_file() else None
     if task != "causal-lm":
         raise ModelError(
@@ -45,8 +41,7 @@ def generate_text(
     """The greedy answer to ``prompt`` (rendered with the chat template)."""
     from transformers import TextStreamer
 
-    adapter_dir = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir
-    model, tokenizer = load_for_generation(adapter_dir)
+    model, tokenizer = load_for_generation(run_dir)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )

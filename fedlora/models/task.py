@@ -29,6 +29,8 @@ from fedlora.models.causal_lm import (
 from fedlora.models.inference import evaluate
 from fedlora.models.lm_eval import lm_metrics
 from fedlora.models.loading import build_model, resolve_model_path
+from fedlora.models.pooling import resolve_pooling
+from fedlora.settings import LoraSettings
 
 #: ``(model, padded batch, log prior or None) -> (mean loss, correct predictions)``
 LossFn = Callable[[Any, dict[str, torch.Tensor], torch.Tensor | None], tuple[torch.Tensor, int]]
@@ -67,6 +69,21 @@ class Task:
     #: ``(model, dataset, tokenizer, LmSettings, labels) -> metrics``: the server's
     #: per-round scores beyond ``evaluate`` (generative metrics); None = loss, accuracy.
     metrics: Callable[..., dict[str, float]] | None = None
+    #: ``(folder, LoraSettings) -> dict``: how the base was used, for the export's
+    #: metadata (what a head reads; how the base was stored).
+    describe: Callable[..., dict[str, Any]] = lambda _folder, _lora: {}
+
+
+def _describe_classifier(folder: Any, lora: LoraSettings) -> dict[str, Any]:
+    return {
+        "pooling": resolve_pooling(folder, lora.pooling),
+        "pooling_layers": lora.pooling_layers,
+        "feature_centering": lora.feature_centering,
+    }
+
+
+def _describe_causal_lm(_folder: Any, lora: LoraSettings) -> dict[str, Any]:
+    return {"base_quantization": lora.base_quantization}
 
 
 def classification_loss(
@@ -91,6 +108,7 @@ SEQUENCE_CLASSIFICATION = Task(
     loss=classification_loss,
     evaluate=evaluate,
     export=export_classifier,
+    describe=_describe_classifier,
 )
 
 CAUSAL_LM = Task(
@@ -102,6 +120,7 @@ CAUSAL_LM = Task(
     export=export_causal_lm,
     folder=lm_model_folder,
     metrics=lm_metrics,
+    describe=_describe_causal_lm,
 )
 
 #: Tasks by name.

@@ -36,8 +36,8 @@ from fedlora.data.partition import simulation_split
 from fedlora.io import atomic_write_bytes, atomic_write_json
 from fedlora.models.adapter import adapter_state, load_adapter_state
 from fedlora.models.lm_eval import chosen_metrics
-from fedlora.models.loading import load_tokenizer, resolve_model_path
-from fedlora.models.pooling import resolve_pooling, set_feature_center
+from fedlora.models.loading import load_tokenizer
+from fedlora.models.pooling import set_feature_center
 from fedlora.models.task import get_task
 from fedlora.privacy.central import central_epsilon, wrap_central
 from fedlora.privacy.settings import recipe_advice
@@ -260,19 +260,21 @@ def _train(grid: Grid, run: _Run) -> tuple[str, str, ArrayRecord]:
 def _export(run: _Run, final: ArrayRecord, status: str, reason: str) -> str:
     """The last good adapter in PEFT format with what its reader must know; the status."""
     cfg = run.cfg
+    task = get_task(cfg.task)
+    folder = task.folder(cfg.model_path or None)
     metadata = {
+        "task": cfg.task,
         "rounds_completed": max((r.round for r in run.history.records), default=0),
         "strategy": cfg.strategy,
         "seed": cfg.seed,
-        "base_model": str(cfg.model_path or "all-MiniLM-L6-v2 (packaged)"),
-        "pooling": resolve_pooling(resolve_model_path(cfg.model_path or None), cfg.lora.pooling),
-        "pooling_layers": cfg.lora.pooling_layers,
-        "feature_centering": cfg.lora.feature_centering,
+        "base_model": str(folder),
+        "max_seq_length": cfg.train.max_seq_length,
         "differential_privacy": dp_metadata(cfg, run.history, run.strategy),
         "status": status,
     }
+    metadata.update(task.describe(folder, cfg.lora))  # how the base was used
     out = run.run_dir / ADAPTER_DIR
-    get_task(cfg.task).export(run.model, arrays_to_state(final), out, run.labels, metadata)
+    task.export(run.model, arrays_to_state(final), out, run.labels, metadata)
     write_status(run.run_dir, status, reason, rounds_completed=metadata["rounds_completed"])
     return status
 
