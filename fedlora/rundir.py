@@ -42,6 +42,8 @@ TENSORBOARD_DIR = "tensorboard"
 PLOT_FILES = (
     "accuracy.png",
     "loss.png",
+    "generation.png",
+    "perplexity.png",
     "epsilon.png",
     "clients.png",
     "bytes.png",

@@ -204,3 +204,23 @@ def test_partition_plot_stacks_each_clients_label_shares(tmp_path: Path) -> None
     (run / "partitions.json").write_text('{"labels": 1}')
     with pytest.raises(DataError, match="partition, examples, labels"):
         load_partitions(run)
+
+
+def test_causal_lm_scores_and_perplexity_are_plotted_and_a_classifier_has_neither(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "lm"
+    history = RunHistory(run_dir)
+    scores = {0: (0.4, 0.0, 30.7), 1: (0.7, 0.5, 2.1), 2: (0.8, 0.75, 1.4)}
+    for r, (choice, exact, ppl) in scores.items():
+        extra = {"global_choice": choice, "global_exact_match": exact, "global_perplexity": ppl}
+        history.add(RoundRecord(round=r, global_accuracy=choice, global_loss=1.0, extra=extra))
+    specs = {s.filename: s for s in plot_specs(load_rounds(run_dir))}
+    choice, exact = specs["generation.png"].series
+    assert choice.label == "global_choice" and choice.y == (0.4, 0.7, 0.8)
+    assert exact.x == (0.0, 1.0, 2.0) and exact.y == (0.0, 0.5, 0.75)
+    assert specs["perplexity.png"].series[0].y == (30.7, 2.1, 1.4)
+    written = {p.name for p in write_plots(run_dir)}
+    assert {"generation.png", "perplexity.png"} <= written
+    classifier = {s.filename for s in plot_specs(load_rounds(write_run(tmp_path / "cls")))}
+    assert not {"generation.png", "perplexity.png"} & classifier

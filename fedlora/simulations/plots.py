@@ -6,6 +6,9 @@ and, when present, ``clients.json``; writes PNGs next to them:
 * ``accuracy.png`` — global accuracy per round (plus the clients' train and
   federated-evaluation accuracy where recorded);
 * ``loss.png`` — the same for loss;
+* ``generation.png`` and ``perplexity.png`` — a causal LM's answer scores
+  (multiple choice, exact match, ROUGE-L) and response perplexity per round;
+  skipped for a classifier;
 * ``epsilon.png`` — every ``epsilon*`` key found in a round's ``extra``
   (differential privacy spend); skipped when the run has none;
 * ``clients.png`` — per-client accuracy spread per round (each client a dot,
@@ -147,8 +150,8 @@ def _metric_spec(rounds: Sequence[dict[str, Any]], metric: str) -> PlotSpec:
     )
 
 
-def _epsilon_spec(rounds: Sequence[dict[str, Any]]) -> PlotSpec | None:
-    keys = sorted({k for r in rounds for k in (r.get("extra") or {}) if k.startswith("epsilon")})
+def _extra_series(rounds: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[Series]:
+    """One line per ``extra`` key that some round has, in ``keys``' order."""
     series = []
     for key in keys:
         points = [
@@ -156,12 +159,49 @@ def _epsilon_spec(rounds: Sequence[dict[str, Any]]) -> PlotSpec | None:
             for r in rounds
             if isinstance(r.get("extra"), dict) and r["extra"].get(key) is not None
         ]
-        series.append(
-            Series(key, tuple(float(x) for x, _ in points), tuple(float(y) for _, y in points))
-        )
+        if points:
+            series.append(
+                Series(key, tuple(float(x) for x, _ in points), tuple(float(y) for _, y in points))
+            )
+    return series
+
+
+def _epsilon_spec(rounds: Sequence[dict[str, Any]]) -> PlotSpec | None:
+    keys = sorted({k for r in rounds for k in (r.get("extra") or {}) if k.startswith("epsilon")})
+    series = _extra_series(rounds, keys)
     if not series:
         return None
     return PlotSpec("epsilon.png", "Privacy spent (ε) per round", "ε", tuple(series))
+
+
+#: A causal LM's scores in [0, 1] (server's held-out split), as history names them.
+GENERATIVE_SCORES = ("global_choice", "global_exact_match", "global_rouge_l")
+
+
+def _generative_specs(rounds: Sequence[dict[str, Any]]) -> list[PlotSpec]:
+    """Causal-LM runs: the answer scores on one plot, response perplexity on another."""
+    specs = []
+    scores = _extra_series(rounds, GENERATIVE_SCORES)
+    if scores:
+        specs.append(
+            PlotSpec(
+                "generation.png",
+                "Answer quality per round (server test split)",
+                "score",
+                tuple(scores),
+            )
+        )
+    perplexity = _extra_series(rounds, ("global_perplexity",))
+    if perplexity:
+        specs.append(
+            PlotSpec(
+                "perplexity.png",
+                "Response perplexity per round (server test split)",
+                "perplexity",
+                tuple(perplexity),
+            )
+        )
+    return specs
 
 
 def _clients_spec(clients: Sequence[dict[str, Any]]) -> PlotSpec | None:
@@ -245,6 +285,7 @@ def plot_specs(
 ) -> list[PlotSpec]:
     """The plots a run supports, as data (no drawing); plots without data are left out."""
     specs = [_metric_spec(rounds, "accuracy"), _metric_spec(rounds, "loss")]
+    specs.extend(_generative_specs(rounds))
     optional = (_epsilon_spec(rounds), _clients_spec(clients) if clients else None)
     specs.extend(s for s in optional if s is not None)
     specs.append(_bytes_spec(rounds))
