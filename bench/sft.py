@@ -155,7 +155,13 @@ def upload(args: argparse.Namespace) -> dict[str, Any]:
 
     folder = lm_model_folder(args.model_path or None)
     full = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    full_state = {k: v.detach().numpy() for k, v in full.state_dict().items()}
+    # Each tensor once: SmolLM2 ties its output layer to the input embeddings.
+    seen: set[int] = set()
+    full_state = {}
+    for k, v in full.state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            full_state[k] = v.detach().numpy()
     full_bytes = payload_bytes(state_to_arrays(full_state))
     state = trainable_state(build_causal_lm(folder, 3, LoraSettings(rank=8, alpha=16.0), 0))
     lora_bytes = payload_bytes(state_to_arrays(state))
@@ -171,9 +177,20 @@ def upload(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def client_memory(quantization: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Peak RSS of a fresh process that loads the client model and takes one step."""
+    """Memory of a fresh process that loads the client model and takes one train step.
+
+    Reported from /proc/self/status: ``RssAnon`` (the process's own memory, what
+    competes for RAM) apart from ``RssFile`` (the safetensors file mapped by
+    transformers: page cache, droppable, and only resident where touched, so an
+    fp32 load that has not yet read every weight looks smaller than it is), and
+    ``VmHWM``, the peak of both (reset by exec, unlike ``ru_maxrss``).
+    """
     code = (
-        "import resource, sys, torch, warnings; warnings.simplefilter('ignore');"
+        "import gc, sys, torch, warnings; warnings.simplefilter('ignore');"
+        "st = lambda k: next(int(x.split()[1]) // 1024 for x in open('/proc/self/status') "
+        "if x.startswith(k + ':'));"
+        "snap = lambda: {'anon_mb': st('RssAnon'), 'file_mb': st('RssFile'), "
+        "'peak_mb': st('VmHWM')};"
         "from fedlora.models.causal_lm import build_causal_lm, lm_loss, lm_model_folder;"
         "from fedlora.models.loading import load_tokenizer;"
         "from fedlora.settings import LoraSettings;"
@@ -181,19 +198,17 @@ def client_memory(quantization: str, args: argparse.Namespace) -> dict[str, Any]
         f"folder = lm_model_folder({args.model_path!r} or None);"
         f"m = build_causal_lm(folder, 3, LoraSettings(rank=8, alpha=16.0, "
         f"base_quantization={quantization!r}), 0).train();"
-        "loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "gc.collect(); loaded = snap();"
         f"b = _batch(load_tokenizer(folder), {args.batch}, {args.seq});"
         "loss, _ = lm_loss(m, b); loss.backward();"
-        "print(loaded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import json; print(json.dumps({'after_load': loaded, 'after_step': snap()}))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split()
-    return {
-        "base_quantization": quantization,
-        "peak_rss_mb_after_load": round(int(out[-2]) / 1024, 1),
-        "peak_rss_mb_after_step": round(int(out[-1]) / 1024, 1),
-    }
+    out = (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    return {"base_quantization": quantization, **json.loads(out)}
 
 
 def quality(args: argparse.Namespace) -> dict[str, Any]:
@@ -240,6 +255,8 @@ def main() -> None:
         "client_memory": [client_memory(q, args) for q in ("none", "int8")],
         "int8_quality": quality(args),
     }
+    if not args.model_path:
+        result["model"] = "SmolLM2-135M-Instruct (fp32 HF folder converted from the Q4_1 GGUF)"
     print(json.dumps(result, indent=2))
 
 
