@@ -4,12 +4,13 @@ One run, side by side, on the drug-review instructions (SmolLM2-135M-Instruct,
 LoRA on q,k,v,o; 5 sites split by a natural column, the demo's settings):
 
 - ``zero-shot``: the base, round 0 of the federated run;
-- ``site-alone``: each site trains alone on the same rows for the same rounds,
+- ``site-alone``: each site trains alone on the same rows for the same rounds
+  (each round's fresh ``max-train-examples`` draw, as its node would),
   with the node's own training code (``client.train.local_train``), scored by
   the server's scorer (``models.lm_eval.lm_metrics``) on the same held-out split;
   the mean over sites is the row, each site is listed;
-- ``centralised``: one model on the union of the rows the sites trained on,
-  same rounds;
+- ``centralised``: one model on the union of the rows the sites trained on in
+  each round, same rounds;
 - ``federated``: the real Flower simulation (FedAvg);
 - ``federated-dp-eps8`` / ``eps1``: the same with local DP-SGD, each site's ε
   over all rounds (δ = 1e-5), priced by the node ledgers.
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedlora.client.prepare import round_subset
 from fedlora.client.train import local_train, round_generator
 from fedlora.config import RunConfig
 from fedlora.data.partition import client_partition, simulation_split
@@ -115,26 +117,30 @@ def local(cfg: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]
     labels = list(test.labels.names)
     model = task.build_model(folder, len(labels), run.lora, run.seed)
     initial = adapter_state(model)
-    sites: list[TextDataset] = []
-    for pid in range(args.sites):
-        part = client_partition(run.data, run.seed, pid, args.sites)
-        sites.append(part.subset(range(min(len(part), args.examples))))
+    parts = [client_partition(run.data, run.seed, pid, args.sites) for pid in range(args.sites)]
 
-    def train_and_score(data: TextDataset, site: int) -> dict[str, float]:
+    def rows(pid: int, r: int) -> TextDataset:
+        """The rows site ``pid`` trains on in round ``r``: the node's own draw."""
+        return round_subset(parts[pid], args.examples, run.seed, r, pid)
+
+    def train_and_score(pick: Any, site: int) -> dict[str, float]:
         load_adapter_state(model, initial)
-        enc = task.encode(tokenizer, data, run.train.max_seq_length)
         for r in range(1, args.rounds + 1):
+            enc = task.encode(tokenizer, pick(r), run.train.max_seq_length)
             local_train(model, enc, run.train, round_generator(run.seed, r, site), task)
         return lm_metrics(model, test_enc, tokenizer, run.lm, labels)
 
     start = time.perf_counter()
-    alone = [{"site": pid, **scores(train_and_score(d, pid))} for pid, d in enumerate(sites)]
+    alone = [
+        {"site": pid, **scores(train_and_score(lambda r, pid=pid: rows(pid, r), pid))}
+        for pid in range(args.sites)
+    ]
     mean = {k: round(sum(a[k] for a in alone) / len(alone), 4) for k in SCORES if k in alone[0]}
-    union = _concat(sites)
+    union = lambda r: _concat([rows(pid, r) for pid in range(args.sites)])  # noqa: E731
     central = scores(train_and_score(union, 0))
     return [
         {"cell": "site-alone (mean)", **mean, "sites": alone},
-        {"cell": "centralised", **central, "examples": len(union)},
+        {"cell": "centralised", **central, "examples_per_round": len(union(1))},
         {"wall_seconds_local_cells": round(time.perf_counter() - start, 1)},
     ]
 

@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.client.centering import feature_statistics
 from fedlora.client.modes import Tamper, node_mode
-from fedlora.client.prepare import prepare, run_config_of
+from fedlora.client.prepare import prepare, run_config_of, server_round_of
 from fedlora.client.private import (
     open_ledger,
     precheck,
@@ -57,7 +57,6 @@ from fedlora.protocol import (
     KEY_FEATURE_COUNT,
     KEY_FEATURE_SUM,
     KEY_LORA_RANK,
-    KEY_SERVER_ROUND,
     METRIC_ACCURACY,
     METRIC_BYTES_SENT,
     METRIC_DELTA,
@@ -237,21 +236,6 @@ def train(
     except Exception as exc:  # every failure is a reply; see failure_reply
         return failure_reply(msg, exc, "training")
     return Message(content=RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics}), reply_to=msg)
-
-
-def server_round_of(msg: Message) -> int:
-    """The round number the server put in a train message (0 if absent).
-
-    Raises
-    ------
-    ConfigError
-        If it is not a whole number >= 0: the ledger records it.
-    """
-    config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-    value = config.get(KEY_SERVER_ROUND, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"the server sent {KEY_SERVER_ROUND}={value!r}; expected an int >= 0")
-    return value
 
 
 def evaluate_handler(

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import (
     ConfigRecord,
     Context,
@@ -36,6 +37,7 @@ from fedlora.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     KEY_FEATURE_CENTER,
+    KEY_SERVER_ROUND,
     NODE_DATA_PATH,
     NODE_LABEL_COLUMN,
     NODE_MESSAGES_COLUMN,
@@ -48,6 +50,9 @@ from fedlora.protocol import (
 )
 from fedlora.records import arrays_to_state
 from fedlora.task_settings import TASK_CAUSAL_LM
+
+#: Offsets the subset's random stream from the round's training generator.
+_SUBSET_STREAM = 0x5EED
 
 
 @lru_cache(maxsize=4)
@@ -122,8 +127,7 @@ def prepare(
     cfg = run_config_of(context, overrides)
     node = node or node_mode(cfg, context)
     data, site = local_dataset(cfg, context)
-    if cfg.train.max_train_examples and len(data) > cfg.train.max_train_examples:
-        data = data.subset(range(cfg.train.max_train_examples))
+    data = round_subset(data, cfg.train.max_train_examples, cfg.seed, server_round_of(msg), site)
     if tamper is not None:  # simulations only (fedlora.simulations.attacks)
         data = tamper.data(cfg, context, data)
     task = get_task(cfg.task)
@@ -137,6 +141,41 @@ def prepare(
     load_adapter_state(model, state)
     set_feature_center(model, message_center(msg, cfg))
     return cfg, model, encoded, site
+
+
+def server_round_of(msg: Message) -> int:
+    """The round number the server put in a message (0 if absent).
+
+    Raises
+    ------
+    ConfigError
+        If it is not a whole number >= 0: the ledger records it.
+    """
+    config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    value = config.get(KEY_SERVER_ROUND, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"the server sent {KEY_SERVER_ROUND}={value!r}; expected an int >= 0")
+    return value
+
+
+def round_subset(
+    data: TextDataset, limit: int, seed: int, server_round: int, site: int
+) -> TextDataset:
+    """``limit`` rows drawn afresh each round (seeded by run seed, round and site).
+
+    A fixed first ``limit`` rows would leave the rest of a site's data unused
+    for the whole run. Privacy pricing is unchanged and conservative: the
+    ledger charges every round at the sampling rate within the subset, as if
+    every row were in every round's subset (no amplification is claimed for
+    the draw, whose seed the server can see).
+    """
+    if not limit or len(data) <= limit:
+        return data
+    gen = torch.Generator().manual_seed(
+        (seed * 1_000_003 + server_round * 10_007 + site * 31 + _SUBSET_STREAM) % (2**63 - 1)
+    )
+    picked = sorted(torch.randperm(len(data), generator=gen)[:limit].tolist())
+    return data.subset(picked, f"{data.source}[round {server_round}: {limit} of {len(data)}]")
 
 
 def message_center(msg: Message, cfg: RunConfig) -> np.ndarray | None:
