@@ -15,6 +15,7 @@ shows the layout.
       partitions.json        what each virtual client holds (simulations)
       feature_center.npy     the federation's mean sentence vector (feature-centering)
       checkpoint/            state.json + round-NNNNNN/{adapter.npz,strategy.pkl}
+      best_adapter.npz       the best round's global adapter so far (server.watch)
       adapter/               the exported PEFT adapter (+ labels, metadata, centre)
       *.png                  plots (simulations.plots); tensorboard/ event files
 """
@@ -38,6 +39,7 @@ FEATURE_CENTER_FILE = "feature_center.npy"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"  # inside CHECKPOINT_DIR: the round to resume from
 ADAPTER_DIR = "adapter"
+BEST_ADAPTER_FILE = "best_adapter.npz"
 TENSORBOARD_DIR = "tensorboard"
 PLOT_FILES = (
     "accuracy.png",

@@ -115,7 +115,11 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
         make_text_csv(data, n=90)
     run_dir = workdir / name
     cfg = tiny_run_config(
-        model, data, run_dir, **{"learning-rate": 0.05, "local-epochs": 2, **CASES[name]}
+        model,
+        data,
+        run_dir,
+        # export-round=last: which round a noisy (DP) run exports must not depend on its noise
+        **{"learning-rate": 0.05, "local-epochs": 2, "export-round": "last", **CASES[name]},
     )
     status = simulate(cfg, 3, Resources(num_cpus=1))
     if status.get("status") != "completed":

@@ -74,6 +74,7 @@ from fedlora.server.secagg import SecAggStep
 from fedlora.server.secagg_flower import SecAggSettings, SecureAggregationFailed
 from fedlora.server.stops import RunStopped
 from fedlora.server.validation import update_filter
+from fedlora.server.watch import BestRound, DivergenceWatch, majority_share
 from fedlora.strategies.registry import build_strategy
 
 log = logging.getLogger("fedlora.server")
@@ -99,6 +100,8 @@ class GlobalEvaluator:
         tokenizer = load_tokenizer(self.task.folder(cfg.model_path or None))
         self.test = self.task.encode(tokenizer, test, cfg.train.max_seq_length)
         self.tokenizer, self.lm, self.labels = tokenizer, cfg.lm, list(test.labels.names)
+        #: the held-out split's majority-label share (collapse check); None for free text
+        self.majority = majority_share(test.label_ids) if test.label_style else None
         if self.task.metrics is not None:  # a bad lm-metrics fails here, before round 1
             chosen_metrics(cfg.lm, test.label_style)
 
@@ -122,6 +125,7 @@ class _Run:
     arrays: ArrayRecord
     strategy: Strategy
     evaluator: GlobalEvaluator
+    best: BestRound
     first_round: int = 1
 
 
@@ -180,7 +184,9 @@ def _set_up(grid: Grid, cfg: RunConfig, run_dir: Path, history: RunHistory) -> _
             cfg.privacy.dp_delta,
         )
     evaluator = GlobalEvaluator(cfg, model)
-    return _Run(cfg, run_dir, history, model, labels, arrays, strategy, evaluator)
+    watch = DivergenceWatch(cfg.divergence_factor, cfg.divergence_patience, evaluator.majority)
+    best = BestRound(run_dir, watch)
+    return _Run(cfg, run_dir, history, model, labels, arrays, strategy, evaluator, best)
 
 
 def _resume_or_start(run: _Run) -> None:
@@ -192,9 +198,18 @@ def _resume_or_start(run: _Run) -> None:
         run.strategy = checkpoint.strategy
         run.first_round = checkpoint.server_round + 1
         run.history.truncate(checkpoint.server_round)
+        run.best.replay(
+            [
+                (r.round, r.global_accuracy or 0.0, r.global_loss or 0.0)
+                for r in run.history.records
+                if r.global_loss is not None
+            ]
+        )
         log.info("resuming %s after round %d", run.run_dir, checkpoint.server_round)
         return
     initial = run.evaluator(0, run.arrays)
+    state = arrays_to_state(run.arrays)
+    run.best.observe(0, initial[METRIC_ACCURACY], initial[METRIC_LOSS], state)
     run.history.add(
         RoundRecord(
             round=0,
@@ -234,6 +249,13 @@ def _round_hook(run: _Run, latest: dict[str, ArrayRecord]) -> RoundHook:
         run.history.add(record)
         save_checkpoint(run.run_dir, cfg, outcome.server_round, state, run.strategy)
         log.info("%s", progress_line(outcome, cfg.num_server_rounds))
+        g = outcome.global_metrics
+        if METRIC_LOSS in g:  # the server's own held-out figures: no site data
+            diverged = run.best.observe(
+                outcome.server_round, g.get(METRIC_ACCURACY, 0.0), g[METRIC_LOSS], state
+            )
+            if diverged:
+                raise RunStopped(diverged)
 
     return on_round
 
@@ -262,9 +284,13 @@ def _export(run: _Run, final: ArrayRecord, status: str, reason: str) -> str:
     cfg = run.cfg
     task = get_task(cfg.task)
     folder = task.folder(cfg.model_path or None)
+    last_round = max((r.round for r in run.history.records), default=0)
+    exported, state, why = run.best.choose(cfg.export_round, last_round, arrays_to_state(final))
     metadata = {
         "task": cfg.task,
-        "rounds_completed": max((r.round for r in run.history.records), default=0),
+        "rounds_completed": last_round,
+        "exported_round": exported,
+        "exported_because": why,
         "strategy": cfg.strategy,
         "seed": cfg.seed,
         "base_model": str(folder),
@@ -274,8 +300,8 @@ def _export(run: _Run, final: ArrayRecord, status: str, reason: str) -> str:
     }
     metadata.update(task.describe(folder, cfg.lora))  # how the base was used
     out = run.run_dir / ADAPTER_DIR
-    task.export(run.model, arrays_to_state(final), out, run.labels, metadata)
-    write_status(run.run_dir, status, reason, rounds_completed=metadata["rounds_completed"])
+    task.export(run.model, state, out, run.labels, metadata)
+    write_status(run.run_dir, status, reason, rounds_completed=last_round, exported_round=exported)
     return status
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedlora.rundir import status_of
 from fedlora.server.history import RunHistory
 
 
@@ -29,6 +30,13 @@ def summary_table(run_dir: str | Path) -> str:
         lines.append(
             f"{r.round:>5} {acc:>10} {loss:>8} {ok:>10} "
             f"{r.bytes_uploaded / 1e6:>8.3f} {r.seconds:>7.1f}"
+        )
+    exported = status_of(run_dir).get("exported_round")
+    last = history.records[-1].round
+    if exported is not None and exported != last:
+        lines.append(
+            f"exported adapter: round {exported} (best global accuracy; the last round, "
+            f"{last}, was worse)"
         )
     return "\n".join(lines)
 
