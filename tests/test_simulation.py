@@ -37,7 +37,10 @@ def _fail_partition_zero(msg: Any, context: Any, call_next: Any) -> Any:
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir: Path, text_csv: Path, tmp_path_factory: pytest.TempPathFactory):
     run_dir = tmp_path_factory.mktemp("run-a")
-    status = simulate(_overrides(tiny_model_dir, text_csv, run_dir), 3, Resources(num_cpus=1))
+    # export-round=last: these tests check that the export is the trained last round
+    # (this 2-round run does not beat round 0, which export-round=best would export).
+    cfg = _overrides(tiny_model_dir, text_csv, run_dir, **{"export-round": "last"})
+    status = simulate(cfg, 3, Resources(num_cpus=1))
     return run_dir, status
 
 
@@ -90,7 +93,8 @@ def test_same_seed_gives_identical_metrics(
     finished_run: tuple[Path, dict], tiny_model_dir: Path, text_csv: Path, tmp_path: Path
 ) -> None:
     run_a, _ = finished_run
-    status = simulate(_overrides(tiny_model_dir, text_csv, tmp_path), 3, Resources(num_cpus=1))
+    cfg = _overrides(tiny_model_dir, text_csv, tmp_path, **{"export-round": "last"})
+    status = simulate(cfg, 3, Resources(num_cpus=1))
     assert status["status"] == "completed"
     keys = ("global_accuracy", "global_loss", "train_loss", "bytes_uploaded")
     a = json.loads((run_a / "metrics.json").read_text())["rounds"]
