@@ -143,7 +143,8 @@ def test_robust_aggregation_shrugs_off_a_sign_flipping_client_fedavg_does_not(
             tiny_model_dir,
             poison_csv,
             tmp_path / name,
-            **{"num-server-rounds": 6, "update-max-norm": 1e9, **extra},
+            # divergence-factor=0: the attacked FedAvg run must run to the end, not stop
+            **{"num-server-rounds": 6, "update-max-norm": 1e9, "divergence-factor": 0, **extra},
         )
         status = simulate(cfg, 5, Resources(num_cpus=1))
         assert status["status"] == "completed", status
