@@ -180,3 +180,20 @@ def test_run_outcome_needs_both_flower_and_fedlora_to_agree(
         write_status(tmp_path, local, "too few nodes" if local != "completed" else "")
     got, message = run_outcome(flwr_status, run_dir)
     assert got == outcome and text in message, message
+
+
+def test_a_completed_run_that_lost_replies_exits_4_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The exit-code mapping of `fedlora simulate` (the run itself is stubbed here; a
+    real run with a failing site: test_simulation.py, test_one_failing_client_...)."""
+    from fedlora.cli.main import app as main_app
+    from fedlora.simulations import engine
+
+    outcome = {"status": "completed", "run_dir": str(tmp_path), "clients_failed": 0}
+    monkeypatch.setattr(engine, "simulate", lambda *a, **k: dict(outcome))
+    assert CliRunner().invoke(main_app, ["simulate", "-n", "2"]).exit_code == 0
+    outcome["clients_failed"] = 3
+    result = CliRunner().invoke(main_app, ["simulate", "-n", "2"])
+    assert result.exit_code == 4
+    assert "completed, but 3 client replies failed" in result.output

@@ -115,6 +115,7 @@ def test_one_failing_client_does_not_stop_the_run(
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     assert all(r["clients_ok"] == 2 and r["clients_failed"] == 1 for r in rounds[1:])
     assert any("disk on fire" in f for f in rounds[1]["failures"])
+    assert status["clients_failed"] == 2  # one per round: never a silent "completed"
 
 
 def test_too_few_replies_stops_cleanly_with_reason(

@@ -1,8 +1,10 @@
 """What every ``fedlora`` command shares: exit codes, ``-c`` parsing, error output.
 
 Exit codes: 0 the run completed; 1 it failed; 2 bad input (config, paths);
-3 it stopped early for a stated reason (e.g. too few nodes replied). A
-user's scripts test these; they never change meaning.
+3 it stopped early for a stated reason (e.g. too few nodes replied); 4 it
+completed, but some client replies failed along the way (a crashed or
+out-of-memory site: see the failures in metrics.csv). A user's scripts test
+these; they never change meaning.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import typer
 
 from fedlora.errors import ConfigError, FedloraError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_SITES_FAILED = 0, 1, 2, 3, 4
 FLWR_HOME_DIR = "flwr-home"  # the flwr CLI's config folder inside a state folder
 
 CaCert = Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate (ca.crt).")]

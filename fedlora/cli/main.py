@@ -1,7 +1,8 @@
 """The ``fedlora`` command line: research commands (``simulate``, ``sweep``, ``report``).
 
 Exit codes: 0 the run completed; 1 it failed; 2 bad input (config, paths);
-3 it stopped early for a stated reason (e.g. too few nodes replied).
+3 it stopped early for a stated reason (e.g. too few nodes replied); 4 it
+completed but some client replies failed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from typing import Annotated, Any
 
 import typer
 
-from fedlora.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, parse_overrides
+from fedlora.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SITES_FAILED,
+    EXIT_STOPPED,
+    parse_overrides,
+)
 from fedlora.cli.ops import app as ops_app
 from fedlora.errors import FedloraError
 
@@ -67,6 +75,16 @@ def simulate(
     if table:
         typer.echo(table)
     state = status.get("status")
+    failed = int(status.get("clients_failed") or 0)
+    if state == "completed" and failed:
+        typer.secho(
+            f"completed, but {failed} client repl{'y' if failed == 1 else 'ies'} failed "
+            f"(crash, timeout or refusal; reasons in {run_dir / 'metrics.csv'}) · results in "
+            f"{run_dir}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(EXIT_SITES_FAILED)
     if state == "completed":
         typer.secho(f"completed · results in {run_dir}", fg=typer.colors.GREEN)
         raise typer.Exit(EXIT_OK)
