@@ -100,8 +100,12 @@ class GlobalEvaluator:
         tokenizer = load_tokenizer(self.task.folder(cfg.model_path or None))
         self.test = self.task.encode(tokenizer, test, cfg.train.max_seq_length)
         self.tokenizer, self.lm, self.labels = tokenizer, cfg.lm, list(test.labels.names)
-        #: the held-out split's majority-label share (collapse check); None for free text
-        self.majority = majority_share(test.label_ids) if test.label_style else None
+        #: the majority-label share of the examples scored each round (the collapse
+        #: check); None for free text. A causal LM scores the first eval-max-examples.
+        scored = test.label_ids
+        if self.task.metrics is not None and cfg.lm.eval_max_examples:
+            scored = scored[: cfg.lm.eval_max_examples]
+        self.majority = majority_share(scored) if test.label_style else None
         if self.task.metrics is not None:  # a bad lm-metrics fails here, before round 1
             chosen_metrics(cfg.lm, test.label_style)
 

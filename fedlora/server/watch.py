@@ -114,7 +114,7 @@ class DivergenceWatch:
         if collapsed:
             return (
                 f"global accuracy {score.accuracy:.4f} is at or below the majority "
-                f"label's share {share:.4f} (the model predicts one class)"
+                f"label's share {share:.4f} (no better than always answering one class)"
             )
         return ""
 

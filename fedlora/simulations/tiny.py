@@ -147,5 +147,8 @@ def tiny_run_config(
         "min-train-nodes": 2,
         "run-dir": str(run_dir),
         "seed": 3,
+        # Toy runs (hostile replies, OS-seeded DP noise) must run their rounds; the
+        # divergence stop has its own test (tests/test_watch.py) and is on by default.
+        "divergence-factor": 0.0,
         **extra,
     }
