@@ -65,6 +65,9 @@ def _canonical(path: Path, workdir: Path) -> bytes:
     for key in ("target_modules", "modules_to_save"):
         if isinstance(obj, dict) and isinstance(obj.get(key), list):
             obj[key] = sorted(obj[key])
+    for key in ("local_files_only", "is_local"):  # how transformers was called, not results
+        if isinstance(obj, dict):
+            obj.pop(key, None)
     return json.dumps(obj, sort_keys=True).encode()
 
 
