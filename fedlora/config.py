@@ -15,7 +15,6 @@ keeps the two equal).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from fedlora.settings import (
     LoraSettings,
     PrivacySettings,
     TrainSettings,
+    WatchSettings,
     require,
     setting,
 )
@@ -49,6 +49,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     lm: LmSettings = field(default_factory=LmSettings)
+    watch: WatchSettings = field(default_factory=WatchSettings)
     num_server_rounds: int = setting(8, "Federated rounds (1 to 100000).")
     fraction_train: float = setting(1.0, "Share of connected nodes sampled per round.")
     fraction_evaluate: float = setting(
@@ -94,20 +95,6 @@ class RunConfig:
         "none", "Also evaluate an ensemble: none, last-rounds (global adapters) or sites."
     )
     ensemble_size: int = setting(3, "Members of the ensemble (rounds or sites).")
-    export_round: str = setting(
-        "best",
-        "Which round's global adapter the run exports: best (highest global accuracy on the "
-        "server's held-out split, then lowest loss; round 0 competes, so a run never exports "
-        "worse than its start) or last.",
-    )
-    divergence_factor: float = setting(
-        3.0,
-        "Stop a run whose global loss stays above this x round 0's (or that collapses to "
-        "one class) for divergence-patience rounds, exporting its best round; 0 = never stop.",
-    )
-    divergence_patience: int = setting(
-        2, "Consecutive diverged rounds before the run stops (see divergence-factor)."
-    )
     resume: bool = setting(
         False, "Continue from run-dir's last complete round (checkpoint) instead of anew."
     )
@@ -137,18 +124,6 @@ class RunConfig:
             f"1 <= x <= {MAX_ROUNDS}",
         )
         require(0 <= self.seed < 2**63, "seed", self.seed, "0 <= seed < 2**63")
-        require(
-            self.export_round in ("best", "last"), "export-round", self.export_round, "best or last"
-        )
-        require(
-            math.isfinite(self.divergence_factor) and self.divergence_factor >= 0,
-            "divergence-factor",
-            self.divergence_factor,
-            "a number >= 0 (0 = off; e.g. 3)",
-        )
-        require(
-            self.divergence_patience >= 1, "divergence-patience", self.divergence_patience, ">= 1"
-        )
         require(
             self.max_reported_examples >= 1,
             "max-reported-examples",
@@ -314,6 +289,7 @@ class RunConfig:
             data=DataSettings(**groups["data"]),
             privacy=PrivacySettings(**groups["privacy"]),
             lm=LmSettings(**groups["lm"]),
+            watch=WatchSettings(**groups["watch"]),
             **groups[""],
         )
 
@@ -358,6 +334,7 @@ _GROUPS: dict[str, type] = {
     "data": DataSettings,
     "privacy": PrivacySettings,
     "lm": LmSettings,
+    "watch": WatchSettings,
 }
 for _group, _cls in _GROUPS.items():
     for _f in dataclasses.fields(_cls):

@@ -188,7 +188,8 @@ def _set_up(grid: Grid, cfg: RunConfig, run_dir: Path, history: RunHistory) -> _
             cfg.privacy.dp_delta,
         )
     evaluator = GlobalEvaluator(cfg, model)
-    watch = DivergenceWatch(cfg.divergence_factor, cfg.divergence_patience, evaluator.majority)
+    w = cfg.watch
+    watch = DivergenceWatch(w.divergence_factor, w.divergence_patience, evaluator.majority)
     best = BestRound(run_dir, watch)
     return _Run(cfg, run_dir, history, model, labels, arrays, strategy, evaluator, best)
 
@@ -289,7 +290,8 @@ def _export(run: _Run, final: ArrayRecord, status: str, reason: str) -> str:
     task = get_task(cfg.task)
     folder = task.folder(cfg.model_path or None)
     last_round = max((r.round for r in run.history.records), default=0)
-    exported, state, why = run.best.choose(cfg.export_round, last_round, arrays_to_state(final))
+    last = arrays_to_state(final)
+    exported, state, why = run.best.choose(cfg.watch.export_round, last_round, last)
     metadata = {
         "task": cfg.task,
         "rounds_completed": last_round,
