@@ -307,7 +307,15 @@ def _export(run: _Run, final: ArrayRecord, status: str, reason: str) -> str:
     metadata.update(task.describe(folder, cfg.lora))  # how the base was used
     out = run.run_dir / ADAPTER_DIR
     task.export(run.model, state, out, run.labels, metadata)
-    write_status(run.run_dir, status, reason, rounds_completed=last_round, exported_round=exported)
+    failed = sum(r.clients_failed for r in run.history.records)
+    write_status(
+        run.run_dir,
+        status,
+        reason,
+        rounds_completed=last_round,
+        exported_round=exported,
+        clients_failed=failed,  # a crashed or OOM site is never silent (exit code 4)
+    )
     return status
 
 
