@@ -26,6 +26,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +131,8 @@ def majority_share(label_ids: list[int] | tuple[int, ...]) -> float | None:
 def save_best(run_dir: Path, server_round: int, state: State) -> None:
     """The best round's adapter, atomically: a resumed run still exports it."""
     buffer = io.BytesIO()
-    np.savez(buffer, **state, **{_ROUND_KEY: np.array(server_round)})
+    arrays: dict[str, Any] = {**state, _ROUND_KEY: np.array(server_round)}
+    np.savez(buffer, **arrays)
     atomic_write_bytes(run_dir / BEST_ADAPTER_FILE, buffer.getvalue())
 
 
