@@ -116,6 +116,18 @@ class PrivateTraining:
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.optimizer, self.data_loader, self.privacy_engine))
 
+    def close(self) -> None:
+        """Remove Opacus' hooks once training is done, so the wrapped model is freed.
+
+        Opacus' hooks hold references back to the module they wrap (cycles), so
+        without this each DP round's model copy stays alive until Python's
+        cycle collector runs: 1 -> 11 live models and 465 -> 1,734 MB over 12
+        rounds were measured (``tests/test_dp_memory.py`` counts them).
+        """
+        close = getattr(self.model, "_close", None)  # GradSampleModule (every mode)
+        if close is not None:
+            close()
+
 
 def trainable_device(model: nn.Module) -> torch.device:
     """Return the one device all trainable parameters are on, or raise.
