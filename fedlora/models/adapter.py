@@ -205,6 +205,12 @@ def exported_folder(run_dir: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def export_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """fedlora's metadata beside an exported adapter (empty for a bare PEFT folder)."""
+    path = Path(folder) / METADATA_FILE
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
 def load_exported(
     adapter_dir: str | os.PathLike[str], model_path: str | None = None
 ) -> tuple[Any, list[str]]:
@@ -219,8 +225,7 @@ def load_exported(
     labels = json.loads(labels_file.read_text())["labels"]
     path = resolve_model_path(model_path)
     base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=len(labels))
-    metadata_file = adapter_path / METADATA_FILE
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    metadata = export_metadata(adapter_path)
     # The head was trained on this sentence vector; read it the same way.
     install_pooling(
         base,

@@ -7,14 +7,13 @@ so what ``fedlora generate`` prints is what any PEFT-based server would.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedlora.errors import ModelError
-from fedlora.models.adapter import METADATA_FILE, exported_folder
+from fedlora.models.adapter import export_metadata, exported_folder
 
 
 def load_for_generation(adapter_dir: Path) -> tuple[Any, Any]:
@@ -23,8 +22,7 @@ def load_for_generation(adapter_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     adapter_dir = exported_folder(adapter_dir)
-    meta_file = adapter_dir / METADATA_FILE
-    task = json.loads(meta_file.read_text()).get("task") if meta_file.is_file() else None
+    task = export_metadata(adapter_dir).get("task")
     if task != "causal-lm":
         raise ModelError(
             f"{adapter_dir} is a {task or 'classification'} adapter; generate needs a run "

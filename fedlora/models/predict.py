@@ -20,17 +20,11 @@ import torch
 from fedlora.data.sources import read_table
 from fedlora.errors import DataError
 from fedlora.io import atomic_write_bytes
-from fedlora.models.adapter import METADATA_FILE, exported_folder, load_exported
+from fedlora.models.adapter import export_metadata, exported_folder, load_exported
 from fedlora.models.generation import load_for_generation
 
 #: Default input column per task.
 DEFAULT_COLUMN = {"classification": "text", "causal-lm": "prompt"}
-
-
-def export_metadata(folder: Path) -> dict[str, Any]:
-    """fedlora's metadata beside an export (empty for a bare PEFT folder)."""
-    path = folder / METADATA_FILE
-    return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
 def predict_file(

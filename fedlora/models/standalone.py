@@ -42,8 +42,9 @@ MODELING_FILE = "modeling_fedlora.py"
 #: ``task_type`` of a mean-pooled adapter: not a PEFT task type, on purpose.
 MEAN_POOLED_TASK_TYPE = (
     "SEQ_CLS_WITH_FEDLORA_MEAN_POOLING: this head reads fedlora's mean-pooled sentence "
-    "vector, not the CLS pooler; load ../standalone with AutoModelForSequenceClassification"
-    ".from_pretrained(path, trust_remote_code=True), or this folder with "
+    "vector, not the CLS pooler; load this folder's standalone/ subfolder with "
+    "AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True), or "
+    "this folder with "
     "fedlora.models.adapter.load_exported"
 )
 PEFT_TASK_TYPE = "SEQ_CLS"
