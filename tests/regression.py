@@ -72,7 +72,8 @@ def _canonical(path: Path, workdir: Path) -> bytes:
 
 
 def _fingerprint(path: Path, workdir: Path) -> Any:
-    """A tensor file's per-tensor (sum, sum of squares); any other file's sha256.
+    """A tensor file's per-tensor sum, sum of magnitudes and sum of squares; any
+    other file's sha256.
 
     Tensors are compared with a tolerance (:func:`same`): the last bits of a
     float sum move with the BLAS build, so a hash of the bytes would fail on a
@@ -81,16 +82,24 @@ def _fingerprint(path: Path, workdir: Path) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        return {
-            k: [float(v.astype("float64").sum()), float((v.astype("float64") ** 2).sum())]
-            for k, v in sorted(load_file(str(path)).items())
-        }
+        def sums(v: Any) -> dict[str, float]:
+            v = v.astype("float64")
+            return {"sum": float(v.sum()), "abs": float(abs(v).sum()), "sq": float((v**2).sum())}
+
+        return {k: sums(v) for k, v in sorted(load_file(str(path)).items())}
     return hashlib.sha256(_canonical(path, workdir)).hexdigest()
 
 
 def same(got: Any, expected: Any, rel: float = 1e-5, path: str = "") -> list[str]:
     """Where ``got`` differs from ``expected`` (floats within ``rel``, all else exactly)."""
     if isinstance(expected, dict) and isinstance(got, dict):
+        if set(expected) == {"sum", "abs", "sq"} == set(got):
+            # a signed sum cancels: its error is relative to the sum of magnitudes
+            scale = rel * max(expected["abs"], 1e-9)
+            ok = abs(got["sum"] - expected["sum"]) <= scale and all(
+                math.isclose(got[k], expected[k], rel_tol=rel, abs_tol=1e-9) for k in ("abs", "sq")
+            )
+            return [] if ok else [f"{path}: {got!r} != {expected!r}"]
         if sorted(got) != sorted(expected):
             return [f"{path}: keys {sorted(set(got) ^ set(expected))[:5]} differ"]
         return [d for k in expected for d in same(got[k], expected[k], rel, f"{path}/{k}")]
