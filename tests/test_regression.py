@@ -25,7 +25,7 @@ def test_the_comparison_tolerates_float_noise_and_nothing_else() -> None:
     # a tensor's signed sum near zero: judged against its sum of magnitudes
     tensor = {"sum": 0.0534, "abs": 10.0, "sq": 2.0}
     assert same({**tensor, "sum": 0.05340007}, tensor) == []
-    assert same({**tensor, "sum": 0.0535}, tensor) != []
+    assert same({**tensor, "sum": 0.0536}, tensor) != []
     assert same({**tensor, "sq": 2.001}, tensor) != []
 
 
