@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 
-from fedlora.client.private import NodePrivacy, round_noise
 from fedlora.client.train import label_log_prior
 from fedlora.config import RunConfig
 from fedlora.data.partition import client_partition, simulation_split
@@ -55,6 +54,7 @@ from fedlora.models.centering import clip_rows, combine, sum_clip
 from fedlora.models.inference import predict_proba
 from fedlora.models.loading import load_tokenizer, resolve_model_path
 from fedlora.privacy.accounting import steps_per_round
+from fedlora.privacy.plan import site_sigma
 from fedlora.task_settings import DataSettings
 
 
@@ -155,7 +155,7 @@ def _center(
     return torch.from_numpy(combine(sums, counts)).double()
 
 
-_noise = functools.lru_cache(maxsize=None)(round_noise)  # bisection is slow; inputs repeat
+_noise = functools.lru_cache(maxsize=None)(site_sigma)  # bisection is slow; inputs repeat
 
 
 def _probe_config(layers: int, center: str, batch: int, args: argparse.Namespace) -> RunConfig:
@@ -202,14 +202,13 @@ def dp_probe_run(
     k, clip = int(feats["classes"]), cfg.privacy.dp_max_grad_norm
     weight = torch.zeros(k, test_x.shape[1] + 1, dtype=torch.double)
     add_one = lambda x: torch.cat([x, torch.ones(len(x), 1, dtype=torch.double)], 1)  # noqa: E731
-    limits = NodePrivacy(math.inf, cfg.privacy.dp_delta, Path("."), "rdp")
     accs = []
     for _rnd in range(args.rounds):
         total, seen = torch.zeros_like(weight), 0
         for x, y in clients:
             n = len(x)
             rate, steps = steps_per_round(n, batch, cfg.train.local_epochs)
-            sigma = _noise(cfg, limits, rate, steps)
+            sigma = _noise(cfg, n, batch, cfg.privacy.dp_delta, "rdp")
             prior = (
                 label_log_prior(
                     y.tolist(), k, args.logit_adjustment, cfg.privacy.dp_label_noise, g

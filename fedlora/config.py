@@ -26,11 +26,10 @@ from fedlora.settings import (
     LoraSettings,
     PrivacySettings,
     TrainSettings,
-    WatchSettings,
     require,
     setting,
 )
-from fedlora.task_settings import TASK_CAUSAL_LM, DataSettings, LmSettings
+from fedlora.task_settings import TASK_CAUSAL_LM, DataSettings, LmSettings, WatchSettings
 
 MAX_ROUNDS = 100_000
 

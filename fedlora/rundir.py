@@ -35,6 +35,7 @@ METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 CLIENTS_JSON = "clients.json"
 PARTITIONS_JSON = "partitions.json"
+PLAN_JSON = "plan.json"  # the local-DP plan, made before round 1
 FEATURE_CENTER_FILE = "feature_center.npy"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"  # inside CHECKPOINT_DIR: the round to resume from

@@ -278,6 +278,20 @@ class PrivacySettings:
         "clip), accounted in the node's ledger before it is sent.",
     )
     dp_grad_sample_mode: str = setting("hooks", "Opacus per-sample gradients: hooks, functorch.")
+    dp_recipe: str = setting(
+        "auto",
+        "Local DP with dp-target-epsilon: auto (each node picks its batch size, SGD and a "
+        "rate scaled with the batch from its plan; settings changed from their defaults win) "
+        "or manual.",
+    )
+    dp_plan: str = setting(
+        "refuse",
+        "Local DP: before round 1 the server plans every site's noise; refuse (stop when the "
+        "plan says the run cannot learn) or warn. See `fedlora plan`.",
+    )
+    dp_physical_batch_size: int = setting(
+        32, "Local DP: largest batch run at once (Opacus' BatchMemoryManager); bounds memory."
+    )
     federation: str = setting(
         "fedlora",
         "Federation name. Keys a *virtual* node's ledger in simulations; a real site's "
@@ -322,6 +336,14 @@ class PrivacySettings:
             "hooks, functorch",
         )
         require(bool(self.federation), "federation", self.federation, "a non-empty name")
+        require(self.dp_recipe in ("auto", "manual"), "dp-recipe", self.dp_recipe, "auto, manual")
+        require(self.dp_plan in ("refuse", "warn"), "dp-plan", self.dp_plan, "refuse, warn")
+        require(
+            self.dp_physical_batch_size >= 1,
+            "dp-physical-batch-size",
+            self.dp_physical_batch_size,
+            ">= 1",
+        )
         require(self.sim_epsilon_cap >= 0, "sim-epsilon-cap", self.sim_epsilon_cap, ">= 0")
         if self.dp_mode == "local" and (self.dp_noise_multiplier > 0) == (
             self.dp_target_epsilon > 0
@@ -340,40 +362,6 @@ class PrivacySettings:
     def enabled(self) -> bool:
         """Whether any DP mechanism is on."""
         return self.dp_mode != "none"
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    """What the server keeps and when it gives up (fedlora.server.watch)."""
-
-    export_round: str = setting(
-        "best",
-        "Which round's global adapter the run exports: best (highest global accuracy on the "
-        "server's held-out split, then lowest loss; round 0 competes, so a run never exports "
-        "worse than its start) or last.",
-    )
-    divergence_factor: float = setting(
-        3.0,
-        "Stop a run whose global loss stays above this x round 0's (or that collapses to "
-        "one class) for divergence-patience rounds, exporting its best round; 0 = never stop.",
-    )
-    divergence_patience: int = setting(
-        2, "Consecutive diverged rounds before the run stops (see divergence-factor)."
-    )
-
-    def __post_init__(self) -> None:
-        require(
-            self.export_round in ("best", "last"), "export-round", self.export_round, "best or last"
-        )
-        require(
-            math.isfinite(self.divergence_factor) and self.divergence_factor >= 0,
-            "divergence-factor",
-            self.divergence_factor,
-            "a number >= 0 (0 = off; e.g. 3)",
-        )
-        require(
-            self.divergence_patience >= 1, "divergence-patience", self.divergence_patience, ">= 1"
-        )
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -1,4 +1,4 @@
-"""The run config's task-facing groups: the task and its data, and how a causal LM is scored.
+"""The run config's task-facing groups: the task, its data, its scores, the round kept.
 
 Kept apart from :mod:`fedlora.settings` (LoRA, training, privacy) so each
 module stays one screen of rules. :class:`fedlora.config.RunConfig` holds a
@@ -7,6 +7,7 @@ module stays one screen of rules. :class:`fedlora.config.RunConfig` holds a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fedlora.errors import ConfigError
@@ -123,3 +124,37 @@ class DataSettings:
             raise ConfigError(
                 f"labels has duplicates: {','.join(self.labels)}; list each label once"
             )
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """What the server keeps and when it gives up (fedlora.server.watch)."""
+
+    export_round: str = setting(
+        "best",
+        "Which round's global adapter the run exports: best (highest global accuracy on the "
+        "server's held-out split, then lowest loss; round 0 competes, so a run never exports "
+        "worse than its start) or last.",
+    )
+    divergence_factor: float = setting(
+        3.0,
+        "Stop a run whose global loss stays above this x round 0's (or that collapses to "
+        "one class) for divergence-patience rounds, exporting its best round; 0 = never stop.",
+    )
+    divergence_patience: int = setting(
+        2, "Consecutive diverged rounds before the run stops (see divergence-factor)."
+    )
+
+    def __post_init__(self) -> None:
+        require(
+            self.export_round in ("best", "last"), "export-round", self.export_round, "best or last"
+        )
+        require(
+            math.isfinite(self.divergence_factor) and self.divergence_factor >= 0,
+            "divergence-factor",
+            self.divergence_factor,
+            "a number >= 0 (0 = off; e.g. 3)",
+        )
+        require(
+            self.divergence_patience >= 1, "divergence-patience", self.divergence_patience, ">= 1"
+        )

@@ -15,7 +15,6 @@ import torch
 
 from fedlora import protocol
 from fedlora.client.centering import feature_statistics
-from fedlora.client.private import NodePrivacy, round_noise
 from fedlora.config import RunConfig
 from fedlora.data.sources import load_table
 from fedlora.errors import ConfigError, ModelError
@@ -27,6 +26,7 @@ from fedlora.models.pooling import pooled_features, set_feature_center
 from fedlora.privacy.accounting import epsilon, steps_per_round
 from fedlora.privacy.dpsgd import ReproducibleNoiseWarning
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.plan import site_sigma
 from fedlora.privacy.releases import center_release, label_release
 from fedlora.settings import LoraSettings
 from fedlora.simulations.engine import Resources, simulate
@@ -180,14 +180,13 @@ def test_target_epsilon_search_counts_the_centre_release() -> None:
     )
     assert center_release(cfg) == [(10.0, 1.0, 1)]
     assert center_release(replace(cfg, privacy=replace(cfg.privacy, dp_mode="none"))) == []
-    limits = NodePrivacy(math.inf, 1e-5, Path("."), "rdp")
     q, steps = steps_per_round(1000, 256, 1)
-    sigma = round_noise(cfg, limits, q, steps)
+    sigma = site_sigma(cfg, 1000, 256, 1e-5)
     history = [(sigma, q, steps * 3), *label_release(cfg) * 3, *center_release(cfg)]
     spent = epsilon(history, 1e-5)
     assert 8.0 - 0.01 <= spent <= 8.0
-    without = round_noise(
-        replace(cfg, lora=replace(cfg.lora, feature_centering=False)), limits, q, steps
+    without = site_sigma(
+        replace(cfg, lora=replace(cfg.lora, feature_centering=False)), 1000, 256, 1e-5
     )
     assert without < sigma  # the centre is not free
 

@@ -182,7 +182,7 @@ def test_check_budget_refuses_and_leaves_ledger_unchanged(tmp_path: Path) -> Non
     assert isinstance(err, BudgetExceeded)
     assert (err.spent, err.cap, err.projected) == (spent, cap, projected)
     assert str(err).startswith(f"privacy budget exhausted: spent ε={spent:.2f} of {cap:.2f}")
-    assert "raise privacy-epsilon-cap in the node config or stop this node" in str(err)
+    assert "raise privacy-epsilon-cap in the node config" in str(err)
     assert ledger.path.read_bytes() == before
     assert len(ledger.rounds) == 1 and len(_open(tmp_path).rounds) == 1
 
@@ -191,9 +191,12 @@ def test_budget_message_and_pickling() -> None:
     err = BudgetExceeded(7.9, 8.0, 8.5)
     assert str(err) == (
         "privacy budget exhausted: spent ε=7.90 of 8.00, this round would cost "
-        "0.60 (ε would reach 8.50); the node operator can raise "
-        "privacy-epsilon-cap in the node config or stop this node"
+        "0.60 (ε would reach 8.50); the node refuses now rather than stop part-way; "
+        "the node operator can raise privacy-epsilon-cap in the node config, or the "
+        "server lower num-server-rounds"
     )
+    assert "the run's 3 remaining rounds would cost 0.60" in str(BudgetExceeded(7.9, 8.0, 8.5, 3))
+    assert pickle.loads(pickle.dumps(BudgetExceeded(7.9, 8.0, 8.5, 3))).rounds == 3
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.spent, copy.cap, copy.projected, str(copy)) == (
         7.9,

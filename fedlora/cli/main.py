@@ -22,6 +22,7 @@ from fedlora.cli.common import (
     parse_overrides,
 )
 from fedlora.cli.ops import app as ops_app
+from fedlora.errors import ConfigError as FedloraInputError
 from fedlora.errors import FedloraError
 
 app = typer.Typer(
@@ -91,6 +92,60 @@ def simulate(
     colour = typer.colors.YELLOW if state == "stopped" else typer.colors.RED
     typer.secho(f"run {state}: {status.get('reason', '')}", fg=colour, err=True)
     raise typer.Exit(EXIT_STOPPED if state == "stopped" else EXIT_FAILED)
+
+
+@app.command()
+def plan(
+    config: Annotated[
+        list[str] | None,
+        typer.Option("-c", "--config", help="key=value or a TOML file; repeatable."),
+    ] = None,
+    num_clients: Annotated[int, typer.Option("--num-clients", "-n")] = 10,
+    site_examples: Annotated[
+        str,
+        typer.Option(
+            help="Sites' training examples, comma-separated (a deployment's sites); "
+            "default: the simulation's partitions of the config's data."
+        ),
+    ] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Plan a local-DP run before any privacy is spent: each site's noise, batch
+    and noise-to-signal ratio, the federation's, and what would help. Exit 3
+    when the plan says the run cannot learn."""
+    import json
+
+    from fedlora.privacy.plan import plan_lines
+    from fedlora.simulations.engine import resolve_config
+    from fedlora.simulations.planning import make_plan, plan_record, simulation_sites
+
+    try:
+        cfg = resolve_config(parse_overrides(config or []))
+        if cfg.privacy.dp_mode != "local":
+            raise FedloraInputError("fedlora plan plans local DP: set -c dp-mode=local")
+        sites, labels = simulation_sites(cfg, num_clients)  # labels: the config's data
+        if site_examples:
+            sites = _site_counts(site_examples)
+        result = make_plan(cfg, sites, labels)
+    except FedloraError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    typer.echo(
+        json.dumps(plan_record(result), indent=2) if as_json else "\n".join(plan_lines(result))
+    )
+    raise typer.Exit(EXIT_OK if result.can_learn else EXIT_STOPPED)
+
+
+def _site_counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise FedloraInputError(
+            f"--site-examples={text!r}: give whole numbers >= 1, comma-separated, e.g. 230,230,180"
+        )
+    return counts
 
 
 @app.command()

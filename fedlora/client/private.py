@@ -36,12 +36,12 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, PrivacyError
 from fedlora.models.batches import EncodedDataset, make_loader
 from fedlora.models.task import get_task
-from fedlora.privacy.accounting import HistoryEntry, noise_multiplier_for, steps_per_round
+from fedlora.privacy.accounting import HistoryEntry, steps_per_round
 from fedlora.privacy.dpsgd import make_private, round_generators
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.plan import effective_config, site_sigma
 from fedlora.privacy.releases import (
     DEFAULT_PUBLIC_EXAMPLES,
-    run_side_releases,
     training_round_releases,
 )
 from fedlora.privacy.settings import DPConfig
@@ -241,25 +241,6 @@ def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
     ledger.check_releases(limits.epsilon_cap, same)
 
 
-def round_noise(cfg: RunConfig, limits: NodePrivacy, sample_rate: float, steps: int) -> float:
-    """This round's noise multiplier: fixed, or derived so that *all* rounds
-    together reach ``dp-target-epsilon`` (each client's ε over the run),
-    label-count releases and the feature-centering release included."""
-    p = cfg.privacy
-    if p.dp_noise_multiplier > 0:
-        return p.dp_noise_multiplier
-    total_steps = steps * cfg.num_server_rounds
-    # Calibrate with the node's own accountant and δ: the ledger judges with them.
-    return noise_multiplier_for(
-        p.dp_target_epsilon,
-        limits.delta,
-        sample_rate,
-        total_steps,
-        limits.accountant,
-        extra=run_side_releases(cfg),
-    )
-
-
 def private_train(
     model: Any,
     dataset: EncodedDataset,
@@ -271,15 +252,21 @@ def private_train(
     secure_rng: bool = True,
 ) -> tuple[TrainResult, Any, dict[str, float]]:
     """One DP-SGD round; returns (result, trained model copy, privacy metrics)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # dp-recipe=auto: batch size, rate and optimiser from the node's own plan
+    cfg = effective_config(cfg, len(dataset), trainable, limits.delta)
     settings = cfg.train
     sample_rate, steps = steps_per_round(len(dataset), settings.batch_size, settings.local_epochs)
-    sigma = round_noise(cfg, limits, sample_rate, steps)
+    sigma = site_sigma(cfg, len(dataset), settings.batch_size, limits.delta, limits.accountant)
     # The round's whole cost, computed once (fedlora.privacy.releases) and
-    # checked against the site's cap once, before any of it is spent.
+    # checked against the site's cap once, before any of it is spent: this
+    # round and every later one of the run, so a site that cannot finish the
+    # run refuses at its start, not part-way with its budget gone.
     releases = training_round_releases(cfg, sigma, sample_rate, steps)
     labels = releases[:-1]  # the label counts, if this round releases any
     if not math.isinf(limits.epsilon_cap):
-        ledger.check_releases(limits.epsilon_cap, releases)
+        remaining = max(1, cfg.num_server_rounds - server_round + 1)
+        ledger.check_releases(limits.epsilon_cap, releases, remaining)
     dp = DPConfig(
         noise_multiplier=sigma,
         max_grad_norm=cfg.privacy.dp_max_grad_norm,

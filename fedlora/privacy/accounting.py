@@ -99,7 +99,17 @@ def _clean_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
             )
         if steps > 0 and rate > 0:
             cleaned.append((float(sigma), float(rate), steps))
-    return cleaned
+    return _merged(cleaned)
+
+
+def _merged(entries: list[HistoryEntry]) -> list[HistoryEntry]:
+    """Entries of one mechanism (same σ and sample rate) as one: composition of
+    identical steps is by count, so this is exact, and a ledger of many
+    rounds costs the accountant one evaluation per distinct mechanism."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, rate, count in entries:
+        steps[(sigma, rate)] = steps.get((sigma, rate), 0) + count
+    return [(sigma, rate, count) for (sigma, rate), count in steps.items()]
 
 
 def epsilon(history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp") -> float:

@@ -44,18 +44,19 @@ class BudgetExceeded(PrivacyBudgetExceeded):
     operator's ``cap``, and the epsilon the round would have reached
     (``projected``), so a caller can report them without parsing text."""
 
-    def __init__(self, spent: float, cap: float, projected: float) -> None:
-        self.spent, self.cap, self.projected = spent, cap, projected
+    def __init__(self, spent: float, cap: float, projected: float, rounds: int = 1) -> None:
+        self.spent, self.cap, self.projected, self.rounds = spent, cap, projected, rounds
+        what = "this round" if rounds == 1 else f"the run's {rounds} remaining rounds"
         super().__init__(
-            f"privacy budget exhausted: spent ε={spent:.2f} of {cap:.2f}, this "
-            f"round would cost {projected - spent:.2f} (ε would reach "
-            f"{projected:.2f}); the node operator can raise privacy-epsilon-cap "
-            "in the node config or stop this node"
+            f"privacy budget exhausted: spent ε={spent:.2f} of {cap:.2f}, {what} "
+            f"would cost {projected - spent:.2f} (ε would reach {projected:.2f}); the "
+            "node refuses now rather than stop part-way; the node operator can raise "
+            "privacy-epsilon-cap in the node config, or the server lower num-server-rounds"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Errors cross process boundaries (Flower, Ray); keep them picklable.
-        return (type(self), (self.spent, self.cap, self.projected))
+        return (type(self), (self.spent, self.cap, self.projected, self.rounds))
 
 
 @dataclass(frozen=True)
@@ -231,12 +232,20 @@ class PrivacyLedger:
             raise BudgetExceeded(self.spent_epsilon(), float(cap_epsilon), projected)
         return projected
 
-    def check_releases(self, cap_epsilon: float, releases: Sequence[HistoryEntry]) -> float:
+    def check_releases(
+        self, cap_epsilon: float, releases: Sequence[HistoryEntry], rounds: int = 1
+    ) -> float:
         """:meth:`check_budget` for a round's releases taken together (the
-        list :meth:`record_releases` then records); returns the projected ε."""
+        list :meth:`record_releases` then records), or for ``rounds`` such
+        rounds (the rest of a run); returns the projected ε."""
         if not releases:
             raise PrivacyError("no releases to check against the budget")
-        return self.check_budget(cap_epsilon, *releases[-1], extra=releases[:-1])
+        try:
+            return self.check_budget(
+                cap_epsilon, *releases[-1], extra=[*releases[:-1], *list(releases) * (rounds - 1)]
+            )
+        except BudgetExceeded as exc:
+            raise BudgetExceeded(exc.spent, exc.cap, exc.projected, rounds) from None
 
     def record_round(
         self,

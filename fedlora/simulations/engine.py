@@ -102,6 +102,13 @@ def simulate(
         )
     run_dir = Path(cfg.run_dir).resolve()
     write_partitions(run_dir, cfg, num_clients)
+    if not cfg.resume:
+        from fedlora.simulations.planning import check_simulation_plan
+
+        refusal = check_simulation_plan(cfg, num_clients, run_dir)
+        if refusal:  # before Ray starts: no site has spent anything
+            write_status(run_dir, "stopped", refusal)
+            return {**status_of(run_dir), "run_dir": str(run_dir)}
     flat = {**cfg.to_flat(), "run-dir": str(run_dir)}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -150,5 +150,8 @@ def tiny_run_config(
         # Toy runs (hostile replies, OS-seeded DP noise) must run their rounds; the
         # divergence stop has its own test (tests/test_watch.py) and is on by default.
         "divergence-factor": 0.0,
+        # ...and toy federations of 32-example sites cannot learn under DP: the
+        # planner's refusal has its own test (tests/test_plan.py).
+        "dp-plan": "warn",
         **extra,
     }
