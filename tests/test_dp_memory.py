@@ -57,3 +57,51 @@ def test_dp_rounds_leave_no_model_copy_behind(
         del work
         counts.append(_live_models())
     assert counts == [baseline] * 6, counts
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_physical_batches_bound_the_forward_and_keep_the_update(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    """dp-physical-batch-size=3 under logical Poisson batches of ~16: no forward
+    pass sees more than 3 examples, the steps taken are the logical ones, and
+    the trained adapter equals the one trained with whole batches (same seeded
+    sampling and noise; float tolerance for the summation order)."""
+    enc = encode(load_tokenizer(tiny_model_dir), load_table(text_csv, "text", "label", None), 32)
+    states, steps, widest = [], [], []
+    for physical in (1000, 3):
+        cfg = RunConfig.from_flat(
+            {
+                "model-path": str(tiny_model_dir),
+                "dataset": "file",
+                "data-file": str(text_csv),
+                "dp-mode": "local",
+                "dp-noise-multiplier": 1.0,
+                "batch-size": 16,
+                "learning-rate": 0.05,
+                "max-seq-length": 32,
+                "dp-physical-batch-size": physical,
+            }
+        )
+        model = build_model(tiny_model_dir, 3, cfg.lora, 0)
+        for module in model.modules():  # dropout masks would follow the pieces
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        seen: list[int] = []
+        model.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append(int(kwargs["input_ids"].shape[0])),
+            with_kwargs=True,
+        )  # deep-copied with the model, so it watches the DP copy too
+        limits = NodePrivacy(math.inf, 1e-5, tmp_path / f"l{physical}", "rdp")
+        ledger = PrivacyLedger.open(tmp_path / f"l{physical}", "fed", "data", 1e-5, "rdp")
+        gen = torch.Generator().manual_seed(11)
+        result, work, _ = private_train(model, enc, cfg, ledger, limits, 1, gen, secure_rng=False)
+        states.append(trainable_state(work))
+        steps.append(result.steps)
+        widest.append(max(seen))
+    assert widest[0] > 3 and widest[1] <= 3, widest
+    assert steps[0] == steps[1] == math.ceil(len(enc) / 16), steps
+    for key, whole in states[0].items():
+        assert torch.allclose(
+            torch.from_numpy(states[1][key]), torch.from_numpy(whole), rtol=1e-4, atol=1e-6
+        ), key

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from flwr.app import Context
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from fedlora.client.train import TrainResult, label_log_prior, make_optimizer, train_epochs
 from fedlora.config import RunConfig
@@ -297,15 +298,23 @@ def private_train(
             cfg.privacy.dp_label_noise,
             noise_rng,
         )
-    result = train_epochs(
-        wrapped.model,
-        wrapped.data_loader,
-        wrapped.optimizer,
-        settings.local_epochs,
-        generator,
-        log_prior,
-        get_task(cfg.task),
-    )
+    # Physical batches: a logical Poisson batch runs as pieces of at most
+    # dp-physical-batch-size examples, whose clipped gradients Opacus sums
+    # before the one noisy step; memory follows the piece, not the batch.
+    with BatchMemoryManager(
+        data_loader=wrapped.data_loader,
+        max_physical_batch_size=cfg.privacy.dp_physical_batch_size,
+        optimizer=wrapped.optimizer,
+    ) as loader:
+        result = train_epochs(
+            wrapped.model,
+            loader,
+            wrapped.optimizer,
+            settings.local_epochs,
+            generator,
+            log_prior,
+            get_task(cfg.task),
+        )
     wrapped.close()  # nothing of this round stays reachable once it returns
     # Only the ledger's totals leave (fedlora.privacy.releases); sigma and the
     # step count stay at the node.

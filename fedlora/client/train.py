@@ -124,7 +124,8 @@ def train_epochs(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                steps += 1
+                # a physical piece of a DP batch only accumulates (BatchMemoryManager)
+                steps += 0 if getattr(optimizer, "_is_last_step_skipped", False) else 1
                 loss_sum += float(loss.detach()) * labels.numel()
                 correct += right
                 seen += int(labels.numel())
