@@ -89,7 +89,7 @@ def test_physical_batches_bound_the_forward_and_keep_the_update(
                 module.p = 0.0
         seen: list[int] = []
         model.register_forward_pre_hook(
-            lambda _m, args, kwargs: seen.append(int(kwargs["input_ids"].shape[0])),
+            lambda _m, args, kwargs, seen=seen: seen.append(int(kwargs["input_ids"].shape[0])),
             with_kwargs=True,
         )  # deep-copied with the model, so it watches the DP copy too
         limits = NodePrivacy(math.inf, 1e-5, tmp_path / f"l{physical}", "rdp")
