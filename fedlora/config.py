@@ -114,6 +114,11 @@ class RunConfig:
     sim_attack_scale: float = setting(
         10.0, "Simulation only: factor of sign-flip (delta -> -s·delta) and scaled-noise."
     )
+    sim_memory_gb: float = setting(
+        0.0,
+        "Simulation only: memory the run may use, checked against an estimate before "
+        "round 1 (0 = what the machine has available).",
+    )
 
     def __post_init__(self) -> None:
         require(
@@ -251,6 +256,7 @@ class RunConfig:
             self.sim_attack in SIM_ATTACKS, "sim-attack", self.sim_attack, ", ".join(SIM_ATTACKS)
         )
         require(self.sim_attack_scale > 0, "sim-attack-scale", self.sim_attack_scale, "> 0")
+        require(self.sim_memory_gb >= 0, "sim-memory-gb", self.sim_memory_gb, ">= 0 (0 = all)")
 
     @property
     def task(self) -> str:

@@ -156,3 +156,32 @@ def test_a_simulation_that_cannot_learn_stops_before_any_privacy_is_spent(
     )
     assert result.returncode == 3, result.stderr[-2000:]
     assert "cannot-learn" in result.stdout and "what would help:" in result.stdout
+
+
+def test_the_memory_estimate_by_hand(tiny_model_dir: Path) -> None:
+    from fedlora.simulations.memory import BASE_PROCESS, ModelShape, client_peak_bytes
+
+    shape = ModelShape(parameters=1000, hidden=8, layers=2, heads=2, vocab=50)
+    plain = _cfg(**{"batch-size": 4, "max-seq-length": 16})
+    # 700 MB + 4 kB weights + 2 layers x (68*16*4*8 + 10*2*16*16*4)
+    assert client_peak_bytes(plain, shape) == BASE_PROCESS + 4000 + 2 * (34816 + 20480)
+    dp = _cfg(
+        **{"batch-size": 64, "max-seq-length": 16, "dp-mode": "local"},
+        **{"dp-noise-multiplier": 1.0, "dp-physical-batch-size": 4},
+    )
+    # the DP copy doubles the weights; the physical piece (4), not the batch (64),
+    # sets the activations; per-example gradients 2 x 4 x 500 x 4 bytes
+    assert client_peak_bytes(dp, shape, 500) == (BASE_PROCESS + 8000 + 2 * (34816 + 20480) + 16000)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_simulation_that_does_not_fit_in_memory_stops_before_round_one(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    flat = tiny_run_config(tiny_model_dir, text_csv, tmp_path, **{"sim-memory-gb": 1.0})
+    status = simulate(flat, 3, Resources(num_cpus=1, total_cpus=2))
+    assert status["status"] == "stopped", status
+    reason = status["reason"]
+    assert "needs about" in reason and "2 clients at once" in reason and "1.0 GB is" in reason
+    assert not (tmp_path / "metrics.json").exists()  # no round ran

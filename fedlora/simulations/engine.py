@@ -102,13 +102,14 @@ def simulate(
         )
     run_dir = Path(cfg.run_dir).resolve()
     write_partitions(run_dir, cfg, num_clients)
-    if not cfg.resume:
-        from fedlora.simulations.planning import check_simulation_plan
+    from fedlora.simulations.planning import preflight
 
-        refusal = check_simulation_plan(cfg, num_clients, run_dir)
-        if refusal:  # before Ray starts: no site has spent anything
-            write_status(run_dir, "stopped", refusal)
-            return {**status_of(run_dir), "run_dir": str(run_dir)}
+    total_cpus = resources.total_cpus or os.cpu_count() or 1
+    concurrent = min(num_clients, max(1, int(total_cpus // resources.num_cpus)))
+    refusal = preflight(cfg, num_clients, concurrent, run_dir)
+    if refusal:  # before Ray starts: no site has spent anything
+        write_status(run_dir, "stopped", refusal)
+        return {**status_of(run_dir), "run_dir": str(run_dir)}
     flat = {**cfg.to_flat(), "run-dir": str(run_dir)}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

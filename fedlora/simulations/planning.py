@@ -53,22 +53,33 @@ def make_plan(
     return plan_federation(cfg, site_examples, trainable, cap)
 
 
-def check_simulation_plan(cfg: RunConfig, num_clients: int, run_dir: Path) -> str | None:
-    """Plan a local-DP simulation before Ray starts; write ``plan.json`` and
-    print the plan. Returns the reason to stop (``dp-plan=refuse`` and a plan
-    that cannot learn), else None."""
+def preflight(cfg: RunConfig, num_clients: int, concurrent: int, run_dir: Path) -> str | None:
+    """What a simulation checks before Ray starts: the local-DP plan (printed,
+    written to ``plan.json``) and whether ``concurrent`` clients fit in memory.
+    Returns the reason to stop, else None."""
+    from fedlora.models.task import get_task
+    from fedlora.simulations.memory import check_memory, model_shape
+
+    trainable = 0
+    if cfg.privacy.dp_mode == "local":
+        sites, labels = simulation_sites(cfg, num_clients)
+        trainable = noised_coordinates(cfg, labels)
+        refusal = check_plan(cfg, make_plan(cfg, sites, labels, trainable), run_dir)
+        if refusal:
+            return refusal
+    shape = model_shape(get_task(cfg.task).folder(cfg.model_path or None))
+    return check_memory(cfg, concurrent, shape, trainable)
+
+
+def check_plan(cfg: RunConfig, plan: FederationPlan, run_dir: Path) -> str | None:
+    """Write and print the plan; the reason to stop when it cannot learn and
+    ``dp-plan=refuse``, else None."""
     from fedlora.io import atomic_write_json
     from fedlora.rundir import PLAN_JSON
 
-    if cfg.privacy.dp_mode != "local":
-        return None
-    sites, labels = simulation_sites(cfg, num_clients)
-    plan = make_plan(cfg, sites, labels)
     atomic_write_json(run_dir / PLAN_JSON, plan_record(plan))
     print(
-        "\n".join(
-            ["local-DP plan (before round 1; fedlora plan prints it too):", *plan_lines(plan)]
-        )
+        "\n".join(["local-DP plan (before round 1; `fedlora plan` prints it):", *plan_lines(plan)])
     )
     if plan.can_learn or cfg.privacy.dp_plan == "warn":
         return None
