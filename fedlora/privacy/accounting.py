@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 
 from opacus.accountants import create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedlora.errors import ConfigError, DataError, PrivacyError
@@ -38,6 +39,8 @@ __all__ = [
     "ACCOUNTANTS",
     "HistoryEntry",
     "epsilon",
+    "epsilon_estimate",
+    "noise_multiplier_estimate",
     "noise_multiplier_for",
     "steps_per_round",
 ]
@@ -302,3 +305,43 @@ def steps_per_round(num_examples: int, batch_size: int, local_epochs: int) -> tu
     sample_rate = min(1.0, batch_size / num_examples)
     steps = local_epochs * math.ceil(num_examples / batch_size)
     return sample_rate, steps
+
+
+#: Integer Rényi orders: Opacus' closed form for them is ~30x faster than its
+#: fractional orders, and the ε they give is at most slightly larger.
+_ORDERS = tuple(float(a) for a in range(2, 128))
+
+
+def epsilon_estimate(history: Sequence[HistoryEntry], delta: float) -> float:
+    """ε of a history over integer Rényi orders only: ~30x faster than
+    :func:`epsilon`, at most slightly larger; for planning, never for a ledger."""
+    rdp = sum(
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=_ORDERS)
+        for s, q, n in history
+    )
+    return float(rdp_analysis.get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)[0])
+
+
+def noise_multiplier_estimate(
+    target: float,
+    delta: float,
+    scaled: Sequence[HistoryEntry],
+    extra: Sequence[HistoryEntry],
+) -> float:
+    """Bisection (to 0.5 %) for σ with ``scaled`` (σ=1 placeholders) plus ``extra``
+    within ``target``; raises ConfigError when the extra releases alone exceed it."""
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in extra:
+        merged[(s, q)] = merged.get((s, q), 0) + n
+    fixed = [(s, q, n) for (s, q), n in merged.items()]
+
+    def spend(sigma: float) -> float:
+        return epsilon_estimate([*((sigma, q, n) for _, q, n in scaled), *fixed], delta)
+
+    low, high = 0.05, 1000.0
+    if spend(high) > target:
+        raise ConfigError(f"dp-target-epsilon={target} cannot be reached at any noise")
+    while high / low > 1.005:
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if spend(mid) > target else (low, mid)
+    return high

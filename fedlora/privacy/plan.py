@@ -47,11 +47,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opacus.accountants.analysis import rdp as rdp_analysis
-
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.privacy.accounting import epsilon, noise_multiplier_for, steps_per_round
+from fedlora.privacy.accounting import (
+    epsilon,
+    epsilon_estimate,
+    noise_multiplier_estimate,
+    noise_multiplier_for,
+    steps_per_round,
+)
 from fedlora.privacy.releases import center_release, run_side_releases, training_round_releases
 from fedlora.settings import TrainSettings
 
@@ -148,45 +152,7 @@ def site_sigma(
         return noise_multiplier_for(
             p.dp_target_epsilon, delta, rate, total, accountant or p.dp_accountant, extra=extra
         )
-    return _fast_sigma(p.dp_target_epsilon, delta, [(1.0, rate, total)], extra)
-
-
-#: Integer Rényi orders: Opacus' closed form for them is ~30x faster than its
-#: fractional orders, and the ε they give is at most slightly larger.
-_ORDERS = tuple(float(a) for a in range(2, 128))
-
-
-def _fast_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    rdp = sum(
-        rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=_ORDERS)
-        for s, q, n in history
-    )
-    return float(rdp_analysis.get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)[0])
-
-
-def _fast_sigma(
-    target: float,
-    delta: float,
-    scaled: Sequence[tuple[float, float, int]],
-    extra: Sequence[tuple[float, float, int]],
-) -> float:
-    """Bisection (to 0.5 %) for σ with ``scaled`` (σ=1 placeholders) plus ``extra``
-    within ``target``; raises ConfigError when the extra releases alone exceed it."""
-    merged: dict[tuple[float, float], int] = {}
-    for s, q, n in extra:
-        merged[(s, q)] = merged.get((s, q), 0) + n
-    fixed = [(s, q, n) for (s, q), n in merged.items()]
-
-    def spend(sigma: float) -> float:
-        return _fast_epsilon([*((sigma, q, n) for _, q, n in scaled), *fixed], delta)
-
-    low, high = 0.05, 1000.0
-    if spend(high) > target:
-        raise ConfigError(f"dp-target-epsilon={target} cannot be reached at any noise")
-    while high / low > 1.005:
-        mid = math.sqrt(low * high)
-        low, high = (mid, high) if spend(mid) > target else (low, mid)
-    return high
+    return noise_multiplier_estimate(p.dp_target_epsilon, delta, [(1.0, rate, total)], extra)
 
 
 def _nsr(sigma: float, trainable: int, batch: float, steps: int) -> tuple[float, float]:
@@ -262,7 +228,7 @@ def plan_site(
         history = [*side, *one_round * rounds]
         if exact:
             return epsilon(history, delta, run.privacy.dp_accountant)
-        return _fast_epsilon(history, delta)
+        return epsilon_estimate(history, delta)
 
     rounds = run.num_server_rounds
     affordable = rounds
