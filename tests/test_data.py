@@ -163,3 +163,23 @@ def test_label_space_rejects_duplicates() -> None:
     with pytest.raises(DataError, match="duplicates"):
         LabelSpace.of(["a", "a"])
     assert json.dumps(list(SPACE.names))
+
+
+def test_iid_sites_hold_every_label_near_the_pool_share() -> None:
+    """The pool comes label by label from the stratified split; an IID site is a
+    shuffled share of it (before the fix, contiguous shards gave BBC News site 0
+    171 business articles and nothing else). 10 sites of ~170 over 5 labels:
+    a site's share of a label has sd ~0.03; 0.15 is five of them."""
+    from fedlora.config import RunConfig
+    from fedlora.data.partition import partition_summary
+
+    cfg = RunConfig.from_flat({"dataset": "bbc-news", "partitioner": "iid"})
+    rows = partition_summary(cfg.data, 42, 10)
+    totals: dict[str, int] = {}
+    for row in rows:
+        for name, count in row["labels"].items():
+            totals[name] = totals.get(name, 0) + count
+    pool = sum(totals.values())
+    for row in rows:
+        for name, count in row["labels"].items():
+            assert abs(count / row["examples"] - totals[name] / pool) < 0.15, (row, name)

@@ -113,23 +113,20 @@ def test_nodes_refuse_past_their_cap_and_run_stops_cleanly_even_after_restart(
             "sim-ledger-dir": str(tmp_path / "ledgers"),
         },
     )
-    # Two rounds do not fit the cap: the nodes refuse at round 1, before
-    # spending, rather than in round 2 with the budget gone.
-    status = simulate(cfg, 3, Resources(num_cpus=1))
-    assert status["status"] == "stopped", status
-    assert "the run's 2 remaining rounds would cost" in status["reason"]
-    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [0]
-    assert not list((tmp_path / "ledgers").glob("ledger-*.json")) or all(
-        not json.loads(p.read_text())["rounds"] for p in (tmp_path / "ledgers").glob("*.json")
-    )
-    # One round fits; a new run on the same data afterwards finds the ledgers
-    # on disk remember that spend, so the nodes refuse at once.
-    one = {**cfg, "num-server-rounds": 1, "run-dir": str(tmp_path / "run1")}
+    # One round fits the cap and completes.
+    one = {**cfg, "num-server-rounds": 1}
     assert simulate(one, 3, Resources(num_cpus=1))["status"] == "completed"
-    again = simulate({**one, "run-dir": str(tmp_path / "run2")}, 3, Resources(num_cpus=1))
-    assert again["status"] == "stopped"
-    assert "privacy budget exhausted: spent ε=" in again["reason"]
+    # A new two-round run on the same data: the ledgers on disk remember that
+    # spend, and the run's two rounds would pass the cap, so every node refuses
+    # at round 1, before spending, rather than part-way with its budget gone.
+    status = simulate({**cfg, "run-dir": str(tmp_path / "run2")}, 3, Resources(num_cpus=1))
+    assert status["status"] == "stopped", status
+    assert f"privacy budget exhausted: spent ε={ONE_ROUND:.2f}" in status["reason"]
+    assert "the run's 2 remaining rounds would cost" in status["reason"]
+    rounds = json.loads((tmp_path / "run2" / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0]
+    for path in (tmp_path / "ledgers").glob("ledger-*.json"):
+        assert len(json.loads(path.read_text())["rounds"]) == 1, path  # nothing more spent
 
 
 @pytest.mark.slow

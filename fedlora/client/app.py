@@ -195,9 +195,10 @@ def train(
         require_site_dp(cfg, context, "training")
         server_round = server_round_of(msg)
         if cfg.privacy.dp_mode == "local":
-            # The node's own budget is checked before its data is read.
+            # The node's own budget is checked before its data is read, for
+            # every round the run still asks for.
             ledger, limits = open_ledger(cfg, context)
-            precheck(ledger, limits)
+            precheck(ledger, limits, max(1, cfg.num_server_rounds - server_round + 1))
         node = node_mode(cfg, context)
         cfg, model, encoded, site = prepare(msg, context, overrides, node, tamper)
         received = arrays_to_state(msg.content.array_records[ARRAYS_KEY])

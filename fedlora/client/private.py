@@ -222,12 +222,13 @@ def prior_history(
     return tuple(history)
 
 
-def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
+def precheck(ledger: PrivacyLedger, limits: NodePrivacy, rounds: int = 1) -> None:
     """Refuse before reading data when the last round's cost no longer fits.
 
     Uses the most recent round's releases (its label counts, if any, and its
     DP-SGD steps) as the estimate of the next one; the exact check follows
-    once the data size is known.
+    once the data size is known. ``rounds``: how many such rounds the run
+    still asks for (this one included); the node refuses a run it cannot finish.
     """
     if not ledger.rounds or math.isinf(limits.epsilon_cap):
         return
@@ -239,7 +240,7 @@ def precheck(ledger: PrivacyLedger, limits: NodePrivacy) -> None:
         if entry.server_round != last:
             break
         same.insert(0, entry.history_entry)
-    ledger.check_releases(limits.epsilon_cap, same)
+    ledger.check_releases(limits.epsilon_cap, same, rounds)
 
 
 def private_train(

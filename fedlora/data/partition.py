@@ -157,6 +157,11 @@ def _partition_indices(
             f"{pool.source} (after the {data.test_fraction:g} test split); every client "
             f"needs at least one. Use at most {len(pool)} clients (-n) or more data"
         )
+    if data.partitioner == "iid":
+        # flwr-datasets' IidPartitioner takes contiguous shards, and the pool
+        # comes label by label from the stratified split: unshuffled, "iid"
+        # gave each site one or two labels.
+        table = table.shuffle(seed=seed)
     partitioner = PARTITIONERS[data.partitioner](data, num_partitions, seed, len(pool))
     partitioner.dataset = table  # type: ignore[attr-defined]
     out = []
