@@ -1,0 +1,170 @@
+"""dp-recipe=auto against no DP, in one run: does private training work first time?
+
+Three federations built from the packaged data, each at ε = ∞ (no DP, the
+default recipe), ε = 8 and ε = 1 with nothing set but ``dp-mode=local`` and
+``dp-target-epsilon`` (the auto recipe and the plan do the rest):
+
+* ``large-sites``: Rotten Tomatoes, IID over 8 sites of ~1,070 reviews, 3 rounds;
+* ``mixed-sites``: BBC News, Dirichlet α = 0.5 over 10 sites of 45-382, 5 rounds;
+* ``small-sites``: BBC News, IID over 10 sites of ~170 articles, 5 rounds.
+
+Each cell runs ``fedlora simulate`` as a child process; the bench samples the
+memory of every process in its tree and reports the peak of the largest Ray
+client worker, and of the tree. Prints JSON (one row per cell, and the
+comparisons the issue's goals ask for). Slow: ~3-6 minutes a cell on 2 cores.
+
+    .venv/bin/python bench/dp_auto.py [--settings small-sites] [--epsilons 8,inf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "large-sites": {
+        "clients": 8,
+        "config": {"dataset": "rotten-tomatoes", "partitioner": "iid", "num-server-rounds": 3},
+    },
+    "mixed-sites": {
+        "clients": 10,
+        "config": {"dataset": "bbc-news", "partitioner": "dirichlet", "num-server-rounds": 5},
+    },
+    "small-sites": {
+        "clients": 10,
+        "config": {"dataset": "bbc-news", "partitioner": "iid", "num-server-rounds": 5},
+    },
+}
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of the process tree and of its largest Ray client worker."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.tree = 0
+        self.worker = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for proc in procs:
+                try:
+                    rss = proc.memory_info().rss
+                    name = " ".join(proc.cmdline()[:1]) + proc.name()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                total += rss
+                if "ClientAppActor" in name:
+                    self.worker = max(self.worker, rss)
+            self.tree = max(self.tree, total)
+            self._stop.wait(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+
+def cell(setting: str, eps: float, out: Path) -> dict[str, Any]:
+    spec = SETTINGS[setting]
+    run_dir = out / f"{setting}-eps{eps:g}"
+    config = {**spec["config"], "run-dir": str(run_dir), "sim-ledger-dir": str(run_dir / "ledgers")}
+    if math.isfinite(eps):
+        config.update({"dp-mode": "local", "dp-target-epsilon": eps})
+    cmd = [sys.executable, "-m", "fedlora", "simulate", "-n", str(spec["clients"])]
+    for key, value in config.items():
+        cmd += ["-c", f"{key}={json.dumps(value)}"]
+    start = time.perf_counter()
+    log = (out / f"{setting}-eps{eps:g}.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    code = proc.wait()
+    sampler.stop()
+    return summarise(setting, eps, run_dir, code, time.perf_counter() - start, sampler)
+
+
+def summarise(
+    setting: str, eps: float, run_dir: Path, code: int, wall: float, sampler: Sampler
+) -> dict[str, Any]:
+    def read(name: str) -> Any:
+        path = run_dir / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    rounds = read("metrics.json").get("rounds", [])
+    accs = [r.get("global_accuracy") for r in rounds]
+    status, plan = read("status.json"), read("plan.json")
+    eps_spent = max((r.get("extra", {}).get("epsilon-max", 0) or 0 for r in rounds), default=0)
+    return {
+        "setting": setting,
+        "epsilon": "inf" if math.isinf(eps) else eps,
+        "exit_code": code,
+        "status": status.get("status"),
+        "reason": (status.get("reason") or "")[:300],
+        "plan_verdict": plan.get("verdict"),
+        "plan_noise_to_signal": round(plan["nsr"], 3) if plan else None,
+        "plan_batches": sorted({s["batch_size"] for s in plan.get("sites", [])}),
+        "round0_accuracy": accs[0] if accs else None,
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max((a for a in accs if a is not None), default=None),
+        "exported_round": status.get("exported_round"),
+        "accuracy_per_round": accs,
+        "epsilon_spent_max": eps_spent,
+        "clients_failed": status.get("clients_failed"),
+        "peak_rss_mb_client_worker": round(sampler.worker / 2**20),
+        "peak_rss_mb_process_tree": round(sampler.tree / 2**20),
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, checked on the rows."""
+    by = {(r["setting"], r["epsilon"]): r for r in rows}
+    out: dict[str, Any] = {}
+    for r in rows:
+        key = f"{r['setting']}@eps={r['epsilon']}"
+        start, export = r["round0_accuracy"], r["best_accuracy"]
+        out[key] = {
+            "no_failure": r["status"] in ("completed", "stopped") and not r["clients_failed"],
+            "never_below_round0": None if start is None or export is None else export >= start,
+        }
+        plain = by.get((r["setting"], "inf"))
+        if plain and r["epsilon"] != "inf" and plain["best_accuracy"] and export is not None:
+            out[key]["points_behind_no_dp"] = round(100 * (plain["best_accuracy"] - export), 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--settings", default="small-sites,mixed-sites,large-sites")
+    parser.add_argument("--epsilons", default="inf,8,1")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="fedlora-dp-auto-"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for setting in args.settings.split(","):
+        for eps in (float(e) for e in args.epsilons.split(",")):
+            rows.append(cell(setting, eps, out))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
+    print(json.dumps({"rows": rows, "goals": goals(rows), "out": str(out)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
