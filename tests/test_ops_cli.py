@@ -182,6 +182,12 @@ def test_run_outcome_needs_both_flower_and_fedlora_to_agree(
     assert got == outcome and text in message, message
 
 
+def test_a_deployed_run_that_lost_site_replies_is_not_plain_completed(tmp_path: Path) -> None:
+    write_status(tmp_path, "completed", "", clients_failed=2)
+    got, message = run_outcome(deploy.RUN_COMPLETED, tmp_path)
+    assert got == "sites-failed" and "completed, but 2 site replies failed" in message
+
+
 def test_a_completed_run_that_lost_replies_exits_4_and_says_so(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -30,6 +30,7 @@ import typer
 from fedlora.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_SITES_FAILED,
     EXIT_STOPPED,
     FLWR_HOME_DIR,
     CaCert,
@@ -312,7 +313,11 @@ def run(
     outcome, message = preflight.run_outcome(
         status, preflight.local_run_dir(cfg.run_dir, server_state_dir)
     )
-    code = {"completed": EXIT_OK, "stopped": EXIT_STOPPED}.get(outcome, EXIT_FAILED)
+    code = {
+        "completed": EXIT_OK,
+        "sites-failed": EXIT_SITES_FAILED,
+        "stopped": EXIT_STOPPED,
+    }.get(outcome, EXIT_FAILED)
     colour = typer.colors.GREEN if code == EXIT_OK else typer.colors.RED
     typer.secho(f"run {run_id}: {message}", fg=colour, err=code != EXIT_OK)
     raise typer.Exit(code)

@@ -36,7 +36,7 @@ from fedlora.protocol import (
     NODE_TEXT_COLUMN,
 )
 
-Outcome = Literal["completed", "stopped", "failed"]
+Outcome = Literal["completed", "sites-failed", "stopped", "failed"]
 
 # Node-config keys read by fedlora.client.app and fedlora.client.private.
 
@@ -235,6 +235,13 @@ def run_outcome(flwr_status: str, run_dir: Path | None) -> tuple[Outcome, str]:
     if local is None:
         return "completed", f"{link}; run-dir not on this machine, status.json not read"
     state = local.get("status")
+    failed = int(local.get("clients_failed") or 0)
+    if state == "completed" and failed:
+        return "sites-failed", (
+            f"{link}; fedlora: completed, but {failed} site repl"
+            f"{'y' if failed == 1 else 'ies'} failed (crash, timeout or refusal; reasons in "
+            f"{run_dir}/metrics.csv)"
+        )
     if state == "completed":
         return "completed", f"{link}; fedlora: completed; results in {run_dir}"
     if state == "stopped":
