@@ -14,7 +14,8 @@ exits 0 when a run failed).
 ``--print-command`` prints the command instead, e.g. for a systemd unit.
 
 Exit codes (as ``fedlora simulate``): 0 completed, 1 failed, 2 bad input,
-3 the run stopped early for a stated reason.
+3 the run stopped early for a stated reason, 4 it completed but some site
+replies failed.
 """
 
 from __future__ import annotations
