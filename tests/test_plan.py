@@ -185,3 +185,38 @@ def test_a_simulation_that_does_not_fit_in_memory_stops_before_round_one(
     reason = status["reason"]
     assert "needs about" in reason and "2 clients at once" in reason and "1.0 GB is" in reason
     assert not (tmp_path / "metrics.json").exists()  # no round ran
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_nodes_train_with_the_recipe_the_plan_printed(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    """dp-recipe=auto end to end: each node's ledger holds the sampling rate,
+    steps and σ that plan.json planned for it (σ: the node's exact search
+    against the plan's fast one, within 2 %), and its ε is the target's."""
+    flat = tiny_run_config(
+        tiny_model_dir,
+        text_csv,
+        tmp_path,
+        **{"dp-mode": "local", "dp-target-epsilon": 8.0, "num-server-rounds": 1},
+    )
+    flat.pop("batch-size")  # leave the batch to the recipe
+    flat.pop("learning-rate")
+    status = simulate(flat, 3, Resources(num_cpus=1))
+    assert status["status"] == "completed", status
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    # 32 examples a site: batches of at most 32 // 2, so 16 (q = 0.5, 2 steps)
+    assert {(s["batch_size"], s["sample_rate"], s["steps_per_round"]) for s in plan["sites"]} == {
+        (16, 0.5, 2)
+    }
+    ledgers = list((tmp_path / "ledgers").glob("ledger-*.json"))
+    assert len(ledgers) == 3
+    for path in ledgers:
+        (entry,) = json.loads(path.read_text())["rounds"]
+        assert (entry["sample_rate"], entry["steps"]) == (0.5, 2)
+        assert entry["noise_multiplier"] == pytest.approx(
+            plan["sites"][0]["noise_multiplier"], rel=0.02
+        )
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert 7.99 <= rounds[1]["extra"]["epsilon-max"] <= 8.0

@@ -284,7 +284,7 @@ def plan_federation(
     ``trainable`` is the number of coordinates DP-SGD noises (the adapter's
     trainable entries: B and the head under FFA-LoRA); ``cap`` is every
     site's ε cap where the planner knows it (simulations). σ comes from the
-    fast search (within 0.5 % of the node's own, never below it) unless ``exact``.
+    fast search (within ~2 % of the node's own, integer Rényi orders) unless ``exact``.
     """
     if not site_examples or min(site_examples) < 1:
         raise ConfigError(f"plan: every site needs >= 1 training example (got {site_examples})")
