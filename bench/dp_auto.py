@@ -24,12 +24,11 @@ import math
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+from sim_scale import TreeMemorySampler  # same folder
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "large-sites": {
@@ -47,40 +46,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-class Sampler(threading.Thread):
-    """Peak RSS of the process tree and of its largest Ray client worker."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.root = psutil.Process(pid)
-        self.tree = 0
-        self.worker = 0
-        self._stop = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            total = 0
-            for proc in procs:
-                try:
-                    rss = proc.memory_info().rss
-                    name = " ".join(proc.cmdline()[:1]) + proc.name()
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-                total += rss
-                if "ClientAppActor" in name:
-                    self.worker = max(self.worker, rss)
-            self.tree = max(self.tree, total)
-            self._stop.wait(0.5)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.join()
-
-
 def cell(setting: str, eps: float, out: Path) -> dict[str, Any]:
     spec = SETTINGS[setting]
     run_dir = out / f"{setting}-eps{eps:g}"
@@ -93,7 +58,7 @@ def cell(setting: str, eps: float, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     log = (out / f"{setting}-eps{eps:g}.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    sampler = Sampler(proc.pid)
+    sampler = TreeMemorySampler(proc.pid, 0.5)
     sampler.start()
     code = proc.wait()
     sampler.stop()
@@ -101,7 +66,7 @@ def cell(setting: str, eps: float, out: Path) -> dict[str, Any]:
 
 
 def summarise(
-    setting: str, eps: float, run_dir: Path, code: int, wall: float, sampler: Sampler
+    setting: str, eps: float, run_dir: Path, code: int, wall: float, sampler: TreeMemorySampler
 ) -> dict[str, Any]:
     def read(name: str) -> Any:
         path = run_dir / name
@@ -127,8 +92,8 @@ def summarise(
         "accuracy_per_round": accs,
         "epsilon_spent_max": eps_spent,
         "clients_failed": status.get("clients_failed"),
-        "peak_rss_mb_client_worker": round(sampler.worker / 2**20),
-        "peak_rss_mb_process_tree": round(sampler.tree / 2**20),
+        "peak_rss_mb_client_worker": round(sampler.peak_worker / 2**20),
+        "peak_rss_mb_process_tree": round(sampler.peak_rss / 2**20),
         "wall_seconds": round(wall, 1),
     }
 

@@ -55,6 +55,7 @@ class TreeMemorySampler(threading.Thread):
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_processes = 0
+        self.peak_worker = 0  # the largest Ray client worker (ClientAppActor)
         self.samples = 0
         self._stop_event = threading.Event()
 
@@ -73,6 +74,11 @@ class TreeMemorySampler(threading.Thread):
                 rss += info.rss
                 pss += getattr(info, "pss", info.rss)
                 alive += 1
+                try:
+                    if "ClientAppActor" in proc.name() + " ".join(proc.cmdline()[:1]):
+                        self.peak_worker = max(self.peak_worker, info.rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_pss = max(self.peak_pss, pss)
             self.peak_processes = max(self.peak_processes, alive)

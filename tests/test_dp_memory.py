@@ -18,6 +18,21 @@ from fedlora.models.loading import build_model, load_tokenizer
 from fedlora.privacy.ledger import PrivacyLedger
 
 
+def _dp_config(model: Path, data: Path, **extra: object) -> RunConfig:
+    """Local DP at a fixed σ on the tiny model (a node's round, no simulation)."""
+    return RunConfig.from_flat(
+        {
+            "model-path": str(model),
+            "dataset": "file",
+            "data-file": str(data),
+            "dp-mode": "local",
+            "dp-noise-multiplier": 1.0,
+            "max-seq-length": 32,
+            **extra,
+        }
+    )
+
+
 def _live_models() -> int:
     return sum(1 for o in gc.get_objects() if type(o).__name__ == "BertForSequenceClassification")
 
@@ -30,17 +45,7 @@ def test_dp_rounds_leave_no_model_copy_behind(
     one) after every round, without the test collecting garbage. Before the fix
     each round's Opacus-wrapped copy stayed alive until a collection (1 -> 6 here;
     1 -> 11 and 465 -> 1,734 MB over 12 rounds on MiniLM)."""
-    cfg = RunConfig.from_flat(
-        {
-            "model-path": str(tiny_model_dir),
-            "dataset": "file",
-            "data-file": str(text_csv),
-            "dp-mode": "local",
-            "dp-noise-multiplier": 1.0,
-            "batch-size": 8,
-            "max-seq-length": 32,
-        }
-    )
+    cfg = _dp_config(tiny_model_dir, text_csv, **{"batch-size": 8})
     model = build_model(tiny_model_dir, 3, cfg.lora, 0)
     enc = encode(load_tokenizer(tiny_model_dir), load_table(text_csv, "text", "label", None), 32)
     limits = NodePrivacy(math.inf, 1e-5, tmp_path / "ledger", "rdp")
@@ -70,18 +75,10 @@ def test_physical_batches_bound_the_forward_and_keep_the_update(
     enc = encode(load_tokenizer(tiny_model_dir), load_table(text_csv, "text", "label", None), 32)
     states, steps, widest = [], [], []
     for physical in (1000, 3):
-        cfg = RunConfig.from_flat(
-            {
-                "model-path": str(tiny_model_dir),
-                "dataset": "file",
-                "data-file": str(text_csv),
-                "dp-mode": "local",
-                "dp-noise-multiplier": 1.0,
-                "batch-size": 16,
-                "learning-rate": 0.05,
-                "max-seq-length": 32,
-                "dp-physical-batch-size": physical,
-            }
+        cfg = _dp_config(
+            tiny_model_dir,
+            text_csv,
+            **{"batch-size": 16, "learning-rate": 0.05, "dp-physical-batch-size": physical},
         )
         model = build_model(tiny_model_dir, 3, cfg.lora, 0)
         for module in model.modules():  # dropout masks would follow the pieces

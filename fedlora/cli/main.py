@@ -35,6 +35,14 @@ app = typer.Typer(
 app.add_typer(ops_app)
 
 
+#: ``-c key=value`` / ``-c file.toml``, shared by the commands that take a run config.
+ConfigOption = Annotated[
+    list[str] | None,
+    typer.Option("-c", "--config", help="key=value or a TOML file; repeatable."),
+]
+NumClients = Annotated[int, typer.Option("--num-clients", "-n")]
+
+
 @app.callback()
 def _root() -> None:
     """fedlora: private federated LoRA fine-tuning (Flower + PEFT + Opacus)."""
@@ -42,11 +50,8 @@ def _root() -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[
-        list[str] | None,
-        typer.Option("-c", "--config", help="key=value or a TOML file; repeatable."),
-    ] = None,
-    num_clients: Annotated[int, typer.Option("--num-clients", "-n")] = 10,
+    config: ConfigOption = None,
+    num_clients: NumClients = 10,
     num_cpus: Annotated[
         float, typer.Option(help="CPUs per virtual client (1 -> 2 clients on 2 cores).")
     ] = 1.0,
@@ -96,11 +101,8 @@ def simulate(
 
 @app.command()
 def plan(
-    config: Annotated[
-        list[str] | None,
-        typer.Option("-c", "--config", help="key=value or a TOML file; repeatable."),
-    ] = None,
-    num_clients: Annotated[int, typer.Option("--num-clients", "-n")] = 10,
+    config: ConfigOption = None,
+    num_clients: NumClients = 10,
     site_examples: Annotated[
         str,
         typer.Option(
