@@ -90,8 +90,10 @@ def test_auto_recipe_picks_the_quietest_batch_and_scales_the_rate() -> None:
     # settings a person changed win; manual and fixed-noise runs are left alone
     mine = _cfg(**{"dp-mode": "local", "dp-target-epsilon": 8.0, "batch-size": 48})
     assert effective_config(mine, 2000, 40_000, 1e-5).train.batch_size == 48
-    lr = _cfg(**{"dp-mode": "local", "dp-target-epsilon": 8.0, "learning-rate": 0.3})
-    assert effective_config(lr, 2000, 40_000, 1e-5).train.learning_rate == 0.3
+    # a rate set by hand keeps its optimiser too (an AdamW rate means nothing to SGD)
+    lr = _cfg(**{"dp-mode": "local", "dp-target-epsilon": 8.0, "learning-rate": 0.001})
+    kept = effective_config(lr, 2000, 40_000, 1e-5).train
+    assert (kept.learning_rate, kept.optimizer) == (0.001, "adamw")
     for flat in (
         {"dp-mode": "local", "dp-target-epsilon": 8.0, "dp-recipe": "manual"},
         {"dp-mode": "local", "dp-noise-multiplier": 1.0},
@@ -220,3 +222,23 @@ def test_nodes_train_with_the_recipe_the_plan_printed(
         )
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     assert 7.99 <= rounds[1]["extra"]["epsilon-max"] <= 8.0
+
+
+def test_the_causal_lm_is_judged_on_its_own_calibration() -> None:
+    """The LM demo's measured private runs (docs/RESULTS.md: 5 sites, 32 rows a
+    round, SGD 0.5, batch 16, 3 rounds, d = 921,600): ε = 8 learned (perplexity
+    30.7 -> 1.50) and plans ok; ε = 1 diverged and plans cannot-learn."""
+    flat = {
+        "task": "causal-lm",
+        "dataset": "drug-sentiment",
+        "num-server-rounds": 3,
+        "max-train-examples": 32,
+        **MANUAL,
+        "learning-rate": 0.5,
+        "batch-size": 16,
+    }
+    learned = plan_federation(_cfg(**flat, **{"dp-target-epsilon": 8.0}), [150] * 5, 921_600)
+    # by hand: σ = 1.09, σ√d/B = 1.09 x 960 / 16 = 65.4 a step, /√2 steps, /√5 sites = 20.7
+    assert (learned.verdict, round(learned.nsr, 1), learned.marginal) == ("ok", 20.7, 25.0)
+    diverged = plan_federation(_cfg(**flat, **{"dp-target-epsilon": 1.0}), [150] * 5, 921_600)
+    assert diverged.verdict == "cannot-learn"

@@ -85,7 +85,7 @@ def check_plan(cfg: RunConfig, plan: FederationPlan, run_dir: Path) -> str | Non
         return None
     return (
         f"the local-DP plan says this run cannot learn: noise-to-signal {plan.nsr:.2f} "
-        f"(learns below 1.0); {'; '.join(plan.advice)}. No privacy was spent. See "
+        f"(learns below {plan.marginal:g}); {'; '.join(plan.advice)}. No privacy was spent. See "
         f"{run_dir / PLAN_JSON}; dp-plan=warn runs it anyway"
     )
 
