@@ -52,6 +52,9 @@ def cell(setting: str, eps: float, out: Path) -> dict[str, Any]:
     config = {**spec["config"], "run-dir": str(run_dir), "sim-ledger-dir": str(run_dir / "ledgers")}
     if math.isfinite(eps):
         config.update({"dp-mode": "local", "dp-target-epsilon": eps})
+    if (run_dir / "status.json").exists() and (out / f"{setting}-eps{eps:g}.log").exists():
+        # done by an earlier invocation with this --out: report it, memory unmeasured
+        return summarise(setting, eps, run_dir, -1, 0.0, None)
     cmd = [sys.executable, "-m", "fedlora", "simulate", "-n", str(spec["clients"])]
     for key, value in config.items():
         cmd += ["-c", f"{key}={json.dumps(value)}"]
@@ -66,7 +69,7 @@ def cell(setting: str, eps: float, out: Path) -> dict[str, Any]:
 
 
 def summarise(
-    setting: str, eps: float, run_dir: Path, code: int, wall: float, sampler: TreeMemorySampler
+    setting: str, eps: float, run_dir: Path, code: int, wall: float, sampler: TreeMemorySampler | None
 ) -> dict[str, Any]:
     def read(name: str) -> Any:
         path = run_dir / name
@@ -92,8 +95,8 @@ def summarise(
         "accuracy_per_round": accs,
         "epsilon_spent_max": eps_spent,
         "clients_failed": status.get("clients_failed"),
-        "peak_rss_mb_client_worker": round(sampler.peak_worker / 2**20),
-        "peak_rss_mb_process_tree": round(sampler.peak_rss / 2**20),
+        "peak_rss_mb_client_worker": round(sampler.peak_worker / 2**20) if sampler else None,
+        "peak_rss_mb_process_tree": round(sampler.peak_rss / 2**20) if sampler else None,
         "wall_seconds": round(wall, 1),
     }
 
