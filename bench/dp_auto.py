@@ -69,7 +69,12 @@ def cell(setting: str, eps: float, out: Path) -> dict[str, Any]:
 
 
 def summarise(
-    setting: str, eps: float, run_dir: Path, code: int, wall: float, sampler: TreeMemorySampler | None
+    setting: str,
+    eps: float,
+    run_dir: Path,
+    code: int,
+    wall: float,
+    sampler: TreeMemorySampler | None,
 ) -> dict[str, Any]:
     def read(name: str) -> Any:
         path = run_dir / name
