@@ -151,6 +151,43 @@ def _site_counts(text: str) -> list[int]:
 
 
 @app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A simulation's run directory.")],
+    sites: Annotated[
+        str, typer.Option(help="Sites whose training rows are the members, e.g. 0,3 (default all).")
+    ] = "",
+    max_examples: Annotated[int, typer.Option(help="Members (and non-members) at most.")] = 400,
+) -> None:
+    """Membership inference against the exported classifier: AUC, TPR at low FPR and an
+    empirical ε lower bound beside the ledger's ε (audit.json, audit_roc.png). Exit 1
+    when the bound exceeds the accounted ε."""
+    from fedlora.simulations.audit import audit_run, summary_line
+
+    try:
+        chosen = [int(v) for v in sites.split(",") if v.strip()] if sites else None
+        record = audit_run(run_dir, chosen, max_examples, progress=typer.echo)
+    except (FedloraError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    for name, result in record["attacks"].items():
+        typer.echo(
+            f"{name:>10}: AUC {result['auc']:.3f} · TPR@1% FPR {result['tpr_at_fpr_1pct']} · "
+            f"ε lower bound {result['epsilon_lower_95']:.2f}"
+        )
+    typer.echo(summary_line(record))
+    if not record["passed"]:
+        typer.secho(
+            f"AUDIT FAILED: sites {record['sites']}: the empirical lower bound "
+            f"{record['epsilon_lower_95']:.2f} exceeds the accounted ε "
+            f"{record['epsilon_accounted']:.2f}; DP is broken somewhere in this run",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(EXIT_FAILED)
+    raise typer.Exit(EXIT_OK)
+
+
+@app.command()
 def sweep(
     sweep_file: Annotated[
         Path, typer.Argument(help="Experiment/sweep TOML ([experiment], [config], [grid]).")
