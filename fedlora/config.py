@@ -114,6 +114,11 @@ class RunConfig:
     sim_attack_scale: float = setting(
         10.0, "Simulation only: factor of sign-flip (delta -> -s·delta) and scaled-noise."
     )
+    audit: bool = setting(
+        False,
+        "Simulation only: after the last round, audit the exported classifier with "
+        "membership inference (fedlora audit; audit.json, audit_roc.png).",
+    )
     sim_memory_gb: float = setting(
         0.0,
         "Simulation only: memory the run may use, checked against an estimate before "
@@ -257,6 +262,12 @@ class RunConfig:
         )
         require(self.sim_attack_scale > 0, "sim-attack-scale", self.sim_attack_scale, "> 0")
         require(self.sim_memory_gb >= 0, "sim-memory-gb", self.sim_memory_gb, ">= 0 (0 = all)")
+        require(
+            not self.audit or self.task == "classification",
+            "audit",
+            self.audit,
+            "false with task=causal-lm (its canary audit is not built yet)",
+        )
 
     @property
     def task(self) -> str:

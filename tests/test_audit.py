@@ -119,6 +119,11 @@ def test_an_overfit_adapter_leaks_and_a_false_dp_claim_fails_the_audit(
     broken = audit_run(overfit_run, progress=lambda _s: None)
     assert broken["epsilon_accounted"] == 0.5
     assert not broken["passed"] and broken["epsilon_lower_95"] > 0.5
+    from fedlora.simulations.report import summary_table
+
+    line = summary_table(overfit_run).splitlines()[-1]
+    assert line.startswith("privacy audit: ε accounted 0.50 · empirical lower bound ")
+    assert line.endswith("(95% confidence) · AUDIT FAILED")
 
 
 @pytest.mark.slow

@@ -138,6 +138,10 @@ def plan(
     raise typer.Exit(EXIT_OK if result.can_learn else EXIT_STOPPED)
 
 
+def _rate(value: float | None) -> str:
+    return "n/a (too few non-members)" if value is None else f"{value:.3f}"
+
+
 def _site_counts(text: str) -> list[int]:
     try:
         counts = [int(v) for v in text.split(",") if v.strip()]
@@ -171,7 +175,8 @@ def audit(
         raise typer.Exit(EXIT_BAD_INPUT) from None
     for name, result in record["attacks"].items():
         typer.echo(
-            f"{name:>10}: AUC {result['auc']:.3f} · TPR@1% FPR {result['tpr_at_fpr_1pct']} · "
+            f"{name:>10}: AUC {result['auc']:.3f} · TPR@1% FPR "
+            f"{_rate(result['tpr_at_fpr_1pct'])} · "
             f"ε lower bound {result['epsilon_lower_95']:.2f}"
         )
     typer.echo(summary_line(record))

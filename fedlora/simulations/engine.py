@@ -140,4 +140,19 @@ def simulate(
         from fedlora.simulations.report import write_reports
 
         write_reports(run_dir)
+        if cfg.audit and status.get("status") == "completed":
+            from fedlora.simulations.audit import audit_run, summary_line
+
+            record = audit_run(run_dir, progress=log.warning)
+            log.warning("privacy audit: %s", summary_line(record))
+            if not record["passed"]:
+                write_status(
+                    run_dir,
+                    "failed",
+                    f"privacy audit failed: empirical ε lower bound "
+                    f"{record['epsilon_lower_95']:.2f} exceeds the accounted "
+                    f"{record['epsilon_accounted']:.2f} (sites {record['sites']})",
+                    **{k: v for k, v in status.items() if k not in ("status", "reason", "time")},
+                )
+                status = status_of(run_dir)
     return {**status, "run_dir": str(run_dir)}

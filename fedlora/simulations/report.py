@@ -38,6 +38,15 @@ def summary_table(run_dir: str | Path) -> str:
             f"exported adapter: round {exported} (best global accuracy; the last round, "
             f"{last}, was worse)"
         )
+    audit = Path(run_dir) / "audit.json"  # fedlora.simulations.audit.AUDIT_JSON
+    if audit.is_file():
+        import json
+
+        from fedlora.simulations.audit import summary_line
+
+        record = json.loads(audit.read_text())
+        verdict = "" if record.get("passed", True) else " · AUDIT FAILED"
+        lines.append(f"privacy audit: {summary_line(record)}{verdict}")
     return "\n".join(lines)
 
 
