@@ -26,6 +26,7 @@ from fedlora.settings import (
     LoraSettings,
     PrivacySettings,
     TrainSettings,
+    auto_strategy,
     require,
     setting,
 )
@@ -282,11 +283,8 @@ class RunConfig:
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower's flat run config; unknown keys are an error.
-
-        Unknown keys are rejected rather than ignored because a typo such as
-        ``learning_rate`` would otherwise silently train with the default.
-        """
+        """Build from Flower's flat run config; unknown keys are an error (a typo
+        such as ``learning_rate`` would otherwise train with the default)."""
         values = dict(DEFAULTS)
         for key, value in flat.items():
             if key not in _FLAT_FIELDS:
@@ -295,6 +293,7 @@ class RunConfig:
                     f"{', '.join(sorted(_FLAT_FIELDS))}"
                 )
             values[key] = value
+        values["strategy"] = auto_strategy(values)
         groups: dict[str, dict[str, Any]] = {g: {} for g in _GROUPS}
         for key, value in values.items():
             group, attr, typ = _FLAT_FIELDS[key]

@@ -9,6 +9,7 @@ holds one of each and checks how they fit together.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,8 +282,8 @@ class PrivacySettings:
     dp_recipe: str = setting(
         "auto",
         "Local DP with dp-target-epsilon: auto (each node picks its batch size, SGD and a "
-        "rate scaled with the batch from its plan; settings changed from their defaults win) "
-        "or manual.",
+        "rate scaled down with the batch from its plan, and strategy fedavg becomes ffa-lora; "
+        "settings changed from their defaults win) or manual.",
     )
     dp_plan: str = setting(
         "refuse",
@@ -367,3 +368,19 @@ class PrivacySettings:
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
+
+
+def auto_strategy(flat: Mapping[str, Any]) -> str:
+    """The strategy a run trains with: ``dp-recipe=auto`` turns the default
+    fedavg into ffa-lora (LoRA A frozen at its shared seeded init, only B and
+    the head noised) because noise on A as well as B made SGD collapse to one
+    class on Rotten Tomatoes (docs/RESULTS.md); any other strategy is kept."""
+    try:
+        auto = (
+            flat["dp-mode"] == "local"
+            and flat["dp-recipe"] == "auto"
+            and float(flat["dp-target-epsilon"]) > 0
+        )
+    except (TypeError, ValueError):  # a bad value: the key's own check names it
+        auto = False
+    return "ffa-lora" if auto and flat["strategy"] == "fedavg" else flat["strategy"]

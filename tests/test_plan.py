@@ -81,12 +81,25 @@ def test_auto_recipe_picks_the_quietest_batch_and_scales_the_rate() -> None:
     t = run.train
     # the slow reference: every allowed candidate, exact σ
     scores = {}
-    for b in (b for b in BATCH_CANDIDATES if b <= 2000 // MIN_STEPS):
+    for b in (b for b in BATCH_CANDIDATES if b <= min(2000 // MIN_STEPS, 128)):
         q, steps = steps_per_round(2000, b, 1)
         scores[b] = site_sigma(cfg, 2000, b, 1e-5) * math.sqrt(40_000) / (q * 2000 * steps**0.5)
     assert scores[t.batch_size] <= min(scores.values()) * 1.01
     assert t.optimizer == "sgd"
-    assert t.learning_rate == pytest.approx(min(8.0, 4.0 * t.batch_size / 128))
+    assert t.batch_size == 128  # the quietest is the largest allowed: the reference
+    assert t.learning_rate == pytest.approx(4.0)
+    # below the reference the rate scales down with the batch (100 rows: at most 50)
+    small = effective_config(cfg, 100, 40_000, 1e-5).train
+    assert (small.batch_size, small.learning_rate) == (32, pytest.approx(1.0))
+    # A frozen (FFA-LoRA) unless the operator chose a strategy other than the default
+    assert run.strategy == "ffa-lora"
+    krum = _cfg(**{"dp-mode": "local", "dp-target-epsilon": 8.0, "strategy": "krum"})
+    assert krum.strategy == "krum"
+    assert (
+        _cfg(**{"dp-mode": "local", "dp-target-epsilon": 8.0, "dp-recipe": "manual"}).strategy
+        == "fedavg"
+    )
+    assert _cfg(**{"dp-mode": "local", "dp-noise-multiplier": 1.0}).strategy == "fedavg"
     # settings a person changed win; manual and fixed-noise runs are left alone
     mine = _cfg(**{"dp-mode": "local", "dp-target-epsilon": 8.0, "batch-size": 48})
     assert effective_config(mine, 2000, 40_000, 1e-5).train.batch_size == 48

@@ -33,10 +33,10 @@ learning rate scaled with the batch) and De et al. 2022 / Li et al. 2022
 (what matters is the noise on the averaged gradient, σ/B, and large batches
 lower it at a fixed ε): for each candidate batch size the node computes the
 σ that reaches its target ε over the whole run and keeps the batch with the
-lowest ``nsr_round``; the learning rate is the task's measured reference
-rate scaled linearly with the batch (so an epoch moves the adapter as far
-whatever the batch); the optimiser is SGD. Settings a person changed from
-their defaults win.
+lowest ``nsr_round``, up to the task's measured reference batch; the rate is
+the reference rate scaled linearly down with the batch (an epoch moves the
+adapter as far whatever the batch; above the reference it cannot follow);
+the optimiser is SGD. Settings a person changed from their defaults win.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ THRESHOLDS = {"classification": (1.0, 2.0), "causal-lm": (25.0, 45.0)}
 MARGINAL, CANNOT_LEARN = THRESHOLDS["classification"]
 
 #: Batch sizes ``dp-recipe=auto`` tries, those that leave at least
-#: MIN_STEPS steps an epoch (a site under 16 examples trains on all of them).
+#: MIN_STEPS steps an epoch and are no larger than the task's reference batch
+#: (a site under 16 examples trains on all of them).
 BATCH_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
 #: Fewest steps an epoch auto plans: one full-batch step a round moves the
 #: adapter once, however far; at a linearly scaled rate that overshoots.
@@ -87,10 +88,9 @@ MIN_STEPS = 2
 
 #: Per task: (learning rate, batch size) of the measured private recipe with
 #: SGD at clip 1.0 (classifier: README recipe; causal LM: bench/sft_utility.py).
+#: Auto scales the rate down with the batch, never up: on Rotten Tomatoes
+#: SGD at 8 (batch 256-512) collapsed to the majority class (docs/RESULTS.md).
 REFERENCE_RECIPE = {"classification": (4.0, 128), "causal-lm": (0.5, 16)}
-#: The learning rate auto never exceeds: twice the classifier's measured rate
-#: (above ~4, SGD diverged on Rotten Tomatoes; docs/RESULTS.md).
-MAX_AUTO_LR = 8.0
 
 _AUTO_KEYS = ("batch_size", "learning_rate", "optimizer")
 
@@ -171,8 +171,10 @@ def _nsr(sigma: float, trainable: int, batch: float, steps: int) -> tuple[float,
 
 
 def choose_batch_size(cfg: RunConfig, examples: int, trainable: int, delta: float) -> int:
-    """The candidate batch size with the lowest ``nsr_round`` at the run's target ε."""
-    fits = [b for b in BATCH_CANDIDATES if b <= examples // MIN_STEPS]
+    """The candidate batch with the lowest ``nsr_round`` at the run's target ε
+    (each moves the adapter as far an epoch: the rate scales with the batch)."""
+    largest = min(examples // MIN_STEPS, REFERENCE_RECIPE[cfg.task][1])
+    fits = [b for b in BATCH_CANDIDATES if b <= largest]
     candidates = fits or [min(examples, BATCH_CANDIDATES[0])]
     best: tuple[float, int] | None = None
     for batch in candidates:
@@ -208,7 +210,7 @@ def effective_config(cfg: RunConfig, examples: int, trainable: int, delta: float
     # The rate and the optimiser go together: a rate set for AdamW means nothing
     # to SGD, so one changed by hand keeps both as set.
     ref_lr, ref_batch = REFERENCE_RECIPE[cfg.task]
-    lr, optimizer = min(MAX_AUTO_LR, ref_lr * batch / ref_batch), "sgd"
+    lr, optimizer = ref_lr * min(1.0, batch / ref_batch), "sgd"
     if changed & {"learning_rate", "optimizer"}:
         lr, optimizer = cfg.train.learning_rate, cfg.train.optimizer
     train = dataclasses.replace(cfg.train, batch_size=batch, learning_rate=lr, optimizer=optimizer)
