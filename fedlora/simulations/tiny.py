@@ -86,9 +86,11 @@ def make_tiny_model(folder: Path, hidden: int = 16, layers: int = 1) -> Path:
     return folder
 
 
-def make_tiny_llama(folder: Path) -> Path:
+def make_tiny_llama(folder: Path, init_range: float = 0.02) -> Path:
     """A 2-layer Llama from a config with SmolLM2's real tokenizer and chat template
-    (the packaged model's, converted once), for seconds-long causal-LM runs."""
+    (the packaged model's, converted once), for seconds-long causal-LM runs.
+    ``init_range`` is the weights' init std: at the default its 32-wide tied
+    embeddings cannot make any token likely; 0.5 lets LoRA memorise."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,6 +106,7 @@ def make_tiny_llama(folder: Path) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
+        initializer_range=init_range,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
