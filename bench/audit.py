@@ -5,7 +5,8 @@ For each federation of ``bench/dp_auto.py``'s settings (default: BBC News over
 ``--from DIR``, reuses the run directories a dp_auto run left there) and
 audits the exported adapter (:mod:`fedlora.simulations.audit`). Prints JSON:
 AUC and TPR at 1 % / 0.1 % FPR of both attacks, the empirical ε lower bound
-(95 %) and the accounted ε. The causal LM's canary audit is not built yet.
+(95 %) and the accounted ε; for ``--settings lm-canaries`` (SmolLM2 on drug
+reviews, 20 canaries planted 4 times a round) canary exposure and extraction.
 
     .venv/bin/python bench/audit.py [--settings small-sites] [--from /tmp/dpauto]
 """
@@ -39,6 +40,7 @@ def audited(run_dir: Path) -> dict[str, Any]:
             for k, v in a.items()
             if k in ("auc", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct")
         },
+        **{f"canary_{k}": v for k, v in record.get("canaries", {}).items() if k != "rows"},
     }
 
 

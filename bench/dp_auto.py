@@ -39,6 +39,25 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "clients": 10,
         "config": {"dataset": "bbc-news", "partitioner": "dirichlet", "num-server-rounds": 5},
     },
+    # The causal LM with canaries for bench/audit.py (not in dp_auto's default list):
+    # SmolLM2 on drug reviews split by condition, 20 canaries x 4 copies a round.
+    "lm-canaries": {
+        "clients": 5,
+        "config": {
+            "task": "causal-lm",
+            "dataset": "drug-sentiment",
+            "partitioner": "column",
+            "num-server-rounds": 3,
+            "max-seq-length": 128,
+            "max-train-examples": 16,
+            "eval-max-examples": 48,
+            "max-new-tokens": 4,
+            "min-train-nodes": 5,
+            "audit-canaries": 20,
+            "audit-canary-repeats": 4,
+            "dp-plan": "warn",
+        },
+    },
     "small-sites": {
         "clients": 10,
         "config": {"dataset": "bbc-news", "partitioner": "iid", "num-server-rounds": 5},

@@ -117,8 +117,8 @@ class RunConfig:
     )
     audit: bool = setting(
         False,
-        "Simulation only: after the last round, audit the exported classifier with "
-        "membership inference (fedlora audit; audit.json, audit_roc.png).",
+        "Simulation only: after the last round, audit the exported adapter (fedlora audit: "
+        "membership inference; canaries for a causal LM; audit.json and plots).",
     )
     sim_memory_gb: float = setting(
         0.0,
@@ -263,12 +263,10 @@ class RunConfig:
         )
         require(self.sim_attack_scale > 0, "sim-attack-scale", self.sim_attack_scale, "> 0")
         require(self.sim_memory_gb >= 0, "sim-memory-gb", self.sim_memory_gb, ">= 0 (0 = all)")
-        require(
-            not self.audit or self.task == "classification",
-            "audit",
-            self.audit,
-            "false with task=causal-lm (its canary audit is not built yet)",
-        )
+        canaries, lm = self.lm.audit_canaries, self.task == TASK_CAUSAL_LM
+        allowed = "false with task=causal-lm unless audit-canaries >= 20"
+        require(not self.audit or not lm or canaries > 0, "audit", self.audit, allowed)
+        require(canaries == 0 or lm, "audit-canaries", canaries, "0 unless task=causal-lm")
 
     @property
     def task(self) -> str:

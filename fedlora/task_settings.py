@@ -41,6 +41,15 @@ class LmSettings:
         "Cap on the server's held-out examples scored each round (0 = all); generative "
         "metrics cost one forward pass per label plus a generation per example.",
     )
+    audit_canaries: int = setting(
+        0,
+        "Simulation only, task=causal-lm: secret canary records planted in the sites' "
+        "training data (as many more held out) for fedlora audit's exposure, extraction "
+        "and ε lower bound; 0 = none, else 20..500. Never planted on a real site.",
+    )
+    audit_canary_repeats: int = setting(
+        1, "Copies of each canary its site trains on every round (1..100)."
+    )
 
     def __post_init__(self) -> None:
         allowed = ("auto", *LM_METRICS)
@@ -57,6 +66,10 @@ class LmSettings:
             "auto on its own, or an explicit list",
         )
         require(1 <= self.max_new_tokens <= 1024, "max-new-tokens", self.max_new_tokens, "1..1024")
+        canaries = self.audit_canaries
+        require(canaries == 0 or 20 <= canaries <= 500, "audit-canaries", canaries, "0 or 20..500")
+        repeats = self.audit_canary_repeats
+        require(1 <= repeats <= 100, "audit-canary-repeats", repeats, "1..100")
         require(
             self.eval_max_examples >= 0,
             "eval-max-examples",

@@ -157,3 +157,7 @@ def test_runs_that_cannot_be_audited_say_why(tmp_path: Path) -> None:
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(DataError, match="has no partitions.json: a deployment's run"):
         audit_run(tmp_path)
+    lm = {"task": "causal-lm", "dataset": "drug-sentiment"}
+    (tmp_path / "config.json").write_text(json.dumps(lm))
+    with pytest.raises(DataError, match=r"planted no canaries \(audit-canaries=0\)"):
+        audit_run(tmp_path)

@@ -270,7 +270,8 @@ def _sim_base(tiny_folder: Path) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_real_flower_simulation_of_the_causal_lm(tiny_folder: Path, tmp_path: Path) -> None:
-    """3 virtual clients, 2 rounds, task=causal-lm on drug reviews split by condition."""
+    """3 virtual clients, 2 rounds, task=causal-lm on drug reviews split by condition;
+    20 canaries planted by the simulation and audited after the last round."""
     import json
 
     import numpy as np
@@ -288,9 +289,21 @@ def test_real_flower_simulation_of_the_causal_lm(tiny_folder: Path, tmp_path: Pa
         "min-train-nodes": 3,
         "run-dir": str(run_dir),
         "seed": 3,
+        "audit": True,
+        "audit-canaries": 20,
+        "audit-canary-repeats": 2,
     }
     status = simulate(overrides, 3, Resources(num_cpus=1))
     assert status["status"] == "completed", status
+    # planted by the simulation: 8 drawn rows + 2 copies of the site's 7, 7, 6 canaries
+    first = [c for c in json.loads((run_dir / "clients.json").read_text()) if c["round"] == 1]
+    assert sorted(c["num_examples"] for c in first) == [20.0, 22.0, 22.0]
+    audit = json.loads((run_dir / "audit.json").read_text())
+    canaries = audit["canaries"]
+    assert (canaries["planted"], canaries["held_out"], audit["members"]) == (20, 20, 20)
+    assert audit["sites"] == [0, 1, 2] and audit["epsilon_accounted"] is None
+    assert all(0 <= r["exposure"] <= canaries["exposure_max"] for r in canaries["rows"])
+    assert (run_dir / "audit_canaries.png").stat().st_size > 0
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(r["clients_ok"] == 3 for r in rounds[1:])

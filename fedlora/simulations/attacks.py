@@ -33,6 +33,7 @@ from fedlora.data.sources import TextDataset
 from fedlora.errors import ConfigError
 from fedlora.protocol import NODE_DATA_PATH, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 from fedlora.records import State
+from fedlora.simulations.canaries import make_canaries, with_canaries
 
 __all__ = ["Adversary", "flip_labels", "malicious_partitions", "partition_attack", "poison_update"]
 
@@ -118,8 +119,17 @@ class Adversary:
     """
 
     def data(self, cfg: RunConfig, context: Context, data: TextDataset) -> TextDataset:
-        """Label flipping for a ``label-flip`` partition."""
-        return flip_labels(data) if partition_attack(cfg, context) == "label-flip" else data
+        """Label flipping for a ``label-flip`` partition; the audit's canaries
+        (``audit-canaries``, :mod:`fedlora.simulations.canaries`) where planted."""
+        if partition_attack(cfg, context) == "label-flip":
+            data = flip_labels(data)
+        node = context.node_config
+        if cfg.lm.audit_canaries <= 0 or NODE_DATA_PATH in node or NODE_PARTITION_ID not in node:
+            return data
+        pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])  # type: ignore[arg-type]
+        planted, _held_out = make_canaries(cfg.seed, cfg.lm.audit_canaries, n)
+        mine = [c for c in planted if c.site == pid]
+        return with_canaries(data, mine, cfg.lm.audit_canary_repeats)
 
     def update(
         self,

@@ -18,11 +18,13 @@ confidence (:mod:`fedlora.privacy.audit_bound`) go to ``audit.json`` beside
 the accounted ε (the largest any audited site's ledger reports) and
 ``audit_roc.png``. A lower bound above the accounted ε fails the audit.
 
-What it cannot audit: a deployment's run (its members are the sites' private
-data, which the run directory does not hold), and the causal LM (its
-canary audit is not built yet) -- both are refused with the reason. The
-server's held-out split also chose the exported round, a mild selection on
-the non-members that can only make members look *less* special.
+A causal LM is audited by its canaries instead (:mod:`fedlora.simulations.canaries`:
+exposure, extraction, and the same two attacks and bound on planted against
+held-out canaries; ``audit_canaries.png``). What it cannot audit: a
+deployment's run (its members are the sites' private data, which the run
+directory does not hold), refused with the reason. The server's held-out
+split also chose the exported round, a mild selection on the non-members
+that can only make members look *less* special.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fedlora.privacy.audit_bound import audit_threshold, roc_auc, tpr_at_fpr
 
 AUDIT_JSON = "audit.json"
 AUDIT_ROC = "audit_roc.png"
+AUDIT_EXPOSURE = "audit_canaries.png"
 #: Fewest members (and non-members) an audit runs on: below it a 95 % bound
 #: cannot exceed ~1 even for a perfect attack, so the number would mislead.
 MIN_MEMBERS = 20
@@ -168,19 +171,60 @@ def audit_run(
     limit: int = 400,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Audit the run's exported adapter; writes ``audit.json`` and the ROC plot."""
+    """Audit the run's exported adapter; writes ``audit.json`` and the plots."""
     from fedlora.io import atomic_write_json
-    from fedlora.models.adapter import exported_folder, load_exported
+    from fedlora.models.adapter import exported_folder
+
+    cfg = run_config_of(run_dir)
+    adapter = exported_folder(run_dir)
+    extra: dict[str, Any] = {}
+    if cfg.task == "causal-lm":
+        from fedlora.simulations.canaries import audit_language_model
+
+        extra, scores = audit_language_model(run_dir, cfg, progress)
+        chosen = sorted({r["site"] for r in extra["canaries"]["rows"] if r["site"] >= 0})
+    else:
+        scores, chosen = classifier_scores(cfg, run_dir, adapter, sites, limit, progress)
+    delta = cfg.privacy.dp_delta
+    attacks = {name: attack(m, n, delta) for name, (m, n) in scores.items()}
+    accounted = accounted_epsilon(run_dir)
+    lower = max(a["epsilon_lower_95"] for a in attacks.values())
+    record = {
+        "version": 1,
+        "task": cfg.task,
+        "sites": chosen,
+        "members": len(scores["loss"][0]),
+        "non_members": len(scores["loss"][1]),
+        "delta": delta,
+        "epsilon_accounted": accounted if math.isfinite(accounted) else None,
+        "epsilon_lower_95": lower,
+        "passed": lower <= accounted,
+        "attacks": attacks,
+        **extra,
+    }
+    atomic_write_json(run_dir / AUDIT_JSON, record)
+    plot_roc(record, scores, run_dir / AUDIT_ROC)
+    if extra:
+        from fedlora.simulations.canaries import plot_exposure
+
+        plot_exposure(record, run_dir / AUDIT_EXPOSURE)
+    return record
+
+
+def classifier_scores(
+    cfg: RunConfig,
+    run_dir: Path,
+    adapter: Path,
+    sites: Sequence[int] | None,
+    limit: int,
+    progress: Callable[[str], None],
+) -> tuple[dict[str, tuple[list[float], list[float]]], list[int]]:
+    """Both attacks' scores (higher = member) on the classifier's members and
+    non-members, and the audited sites."""
+    from fedlora.models.adapter import load_exported
     from fedlora.models.loading import build_model, load_tokenizer
     from fedlora.models.task import get_task
 
-    cfg = run_config_of(run_dir)
-    if cfg.task != "classification":
-        raise ConfigError(
-            f"{run_dir} is a {cfg.task} run; the membership audit reads classifiers (the "
-            "causal LM's canary audit is not built yet)"
-        )
-    adapter = exported_folder(run_dir)
     members, non_members, chosen = members_and_non_members(cfg, run_dir, sites, limit)
     folder = str(get_task(cfg.task).folder(cfg.model_path or None))
     tokenizer = load_tokenizer(folder)
@@ -195,7 +239,6 @@ def audit_run(
         losses(initial, tokenizer, rows, cfg.train.max_seq_length)
         for rows in (members, non_members)
     ]
-    delta = cfg.privacy.dp_delta
     scores = {
         "loss": ([-v for v in target[0]], [-v for v in target[1]]),
         "calibrated": (
@@ -203,23 +246,7 @@ def audit_run(
             [r - t for r, t in zip(reference[1], target[1], strict=True)],
         ),
     }
-    attacks = {name: attack(m, n, delta) for name, (m, n) in scores.items()}
-    accounted = accounted_epsilon(run_dir)
-    lower = max(a["epsilon_lower_95"] for a in attacks.values())
-    record = {
-        "version": 1,
-        "sites": chosen,
-        "members": len(members),
-        "non_members": len(non_members),
-        "delta": delta,
-        "epsilon_accounted": accounted if math.isfinite(accounted) else None,
-        "epsilon_lower_95": lower,
-        "passed": lower <= accounted,
-        "attacks": attacks,
-    }
-    atomic_write_json(run_dir / AUDIT_JSON, record)
-    plot_roc(record, scores, run_dir / AUDIT_ROC)
-    return record
+    return scores, chosen
 
 
 def plot_roc(
