@@ -30,6 +30,21 @@ from typing import Any
 
 from sim_scale import TreeMemorySampler  # same folder
 
+LM_CANARIES: dict[str, Any] = {
+    "task": "causal-lm",
+    "dataset": "drug-sentiment",
+    "partitioner": "column",
+    "num-server-rounds": 3,
+    "max-seq-length": 128,
+    "max-train-examples": 16,
+    "eval-max-examples": 48,
+    "max-new-tokens": 4,
+    "min-train-nodes": 5,
+    "audit-canaries": 20,
+    "audit-canary-repeats": 4,
+    "dp-plan": "warn",
+}
+
 SETTINGS: dict[str, dict[str, Any]] = {
     "large-sites": {
         "clients": 8,
@@ -41,21 +56,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
     # The causal LM with canaries for bench/audit.py (not in dp_auto's default list):
     # SmolLM2 on drug reviews split by condition, 20 canaries x 4 copies a round.
-    "lm-canaries": {
+    "lm-canaries": {"clients": 5, "config": LM_CANARIES},
+    # The same, auditing the last round's adapter, canaries 8 times a round.
+    "lm-canaries-last": {
         "clients": 5,
         "config": {
-            "task": "causal-lm",
-            "dataset": "drug-sentiment",
-            "partitioner": "column",
-            "num-server-rounds": 3,
-            "max-seq-length": 128,
-            "max-train-examples": 16,
-            "eval-max-examples": 48,
-            "max-new-tokens": 4,
-            "min-train-nodes": 5,
-            "audit-canaries": 20,
-            "audit-canary-repeats": 4,
-            "dp-plan": "warn",
+            **LM_CANARIES,
+            "audit-canary-repeats": 8,
+            "export-round": "last",
         },
     },
     "small-sites": {

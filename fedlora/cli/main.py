@@ -162,9 +162,10 @@ def audit(
     ] = "",
     max_examples: Annotated[int, typer.Option(help="Members (and non-members) at most.")] = 400,
 ) -> None:
-    """Membership inference against the exported classifier: AUC, TPR at low FPR and an
-    empirical ε lower bound beside the ledger's ε (audit.json, audit_roc.png). Exit 1
-    when the bound exceeds the accounted ε."""
+    """Membership inference against the exported adapter (a causal LM: its planted
+    canaries' exposure and extraction): AUC, TPR at low FPR and an empirical ε lower
+    bound beside the ledger's ε (audit.json and plots). Exit 1 when the bound exceeds
+    the accounted ε."""
     from fedlora.simulations.audit import audit_run, summary_line
 
     try:
