@@ -26,7 +26,6 @@ from fedlora.settings import (
     LoraSettings,
     PrivacySettings,
     TrainSettings,
-    auto_strategy,
     require,
     setting,
 )
@@ -291,19 +290,23 @@ class RunConfig:
                     f"{', '.join(sorted(_FLAT_FIELDS))}"
                 )
             values[key] = value
-        values["strategy"] = auto_strategy(values)
         groups: dict[str, dict[str, Any]] = {g: {} for g in _GROUPS}
         for key, value in values.items():
             group, attr, typ = _FLAT_FIELDS[key]
             groups[group][attr] = _coerce(key, value, typ)
+        privacy, top = PrivacySettings(**groups["privacy"]), groups[""]
+        if privacy.auto_recipe and top["strategy"] == "fedavg":
+            # auto freezes LoRA A (FFA-LoRA): noise on A as well as B made SGD
+            # collapse to one class on Rotten Tomatoes (docs/RESULTS.md)
+            top["strategy"] = "ffa-lora"
         return cls(
             lora=LoraSettings(**groups["lora"]),
             train=TrainSettings(**groups["train"]),
             data=DataSettings(**groups["data"]),
-            privacy=PrivacySettings(**groups["privacy"]),
+            privacy=privacy,
             lm=LmSettings(**groups["lm"]),
             watch=WatchSettings(**groups["watch"]),
-            **groups[""],
+            **top,
         )
 
     def to_flat(self) -> dict[str, Any]:

@@ -70,3 +70,18 @@ def status_of(run_dir: str | Path) -> dict[str, Any]:
     """Read a run's status.json (``{"status": "missing"}`` if absent)."""
     path = Path(run_dir) / STATUS_FILE
     return json.loads(path.read_text()) if path.is_file() else {"status": "missing"}
+
+
+def simulated_sites(run_dir: Path) -> int:
+    """How many virtual sites the simulation had (``partitions.json``), or why
+    the run cannot be audited here."""
+    from fedlora.errors import DataError
+
+    partitions = run_dir / PARTITIONS_JSON
+    if not partitions.is_file():
+        raise DataError(
+            f"{run_dir} has no {PARTITIONS_JSON}: a deployment's run, whose members are the "
+            "sites' private data; only a simulation's run can be audited here (a site can "
+            "audit its own data with its own copy of the adapter)"
+        )
+    return len(json.loads(partitions.read_text()))

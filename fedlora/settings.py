@@ -9,7 +9,6 @@ holds one of each and checks how they fit together.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,6 +304,12 @@ class PrivacySettings:
         "", "Simulation only: virtual nodes' ledger folder (empty = <run-dir>/ledgers)."
     )
 
+    @property
+    def auto_recipe(self) -> bool:
+        """Whether ``dp-recipe=auto`` applies: local DP with a target ε (a fixed
+        noise multiplier is a hand-made recipe: the person chose σ, so B too)."""
+        return self.dp_mode == "local" and self.dp_recipe == "auto" and self.dp_target_epsilon > 0
+
     def __post_init__(self) -> None:
         require(self.dp_mode in DP_MODES, "dp-mode", self.dp_mode, ", ".join(DP_MODES))
         require(
@@ -368,19 +373,3 @@ class PrivacySettings:
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' has value {value!r}; allowed: {allowed}")
-
-
-def auto_strategy(flat: Mapping[str, Any]) -> str:
-    """The strategy a run trains with: ``dp-recipe=auto`` turns the default
-    fedavg into ffa-lora (LoRA A frozen at its shared seeded init, only B and
-    the head noised) because noise on A as well as B made SGD collapse to one
-    class on Rotten Tomatoes (docs/RESULTS.md); any other strategy is kept."""
-    try:
-        auto = (
-            flat["dp-mode"] == "local"
-            and flat["dp-recipe"] == "auto"
-            and float(flat["dp-target-epsilon"]) > 0
-        )
-    except (TypeError, ValueError):  # a bad value: the key's own check names it
-        auto = False
-    return "ffa-lora" if auto and flat["strategy"] == "fedavg" else flat["strategy"]

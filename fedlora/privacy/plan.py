@@ -133,13 +133,6 @@ class FederationPlan:
         return dataclasses.asdict(self)
 
 
-def uses_auto_recipe(cfg: RunConfig) -> bool:
-    """``dp-recipe=auto`` applies under local DP with a target ε (a fixed noise
-    multiplier is a hand-made recipe: the person chose σ, so they chose B too)."""
-    p = cfg.privacy
-    return p.dp_mode == "local" and p.dp_recipe == "auto" and p.dp_target_epsilon > 0
-
-
 def site_sigma(
     cfg: RunConfig,
     examples: int,
@@ -198,7 +191,7 @@ def choose_batch_size(cfg: RunConfig, examples: int, trainable: int, delta: floa
 def effective_config(cfg: RunConfig, examples: int, trainable: int, delta: float) -> RunConfig:
     """The run config a node trains with: ``dp-recipe=auto``'s choices applied
     to the training settings still at their defaults; ``cfg`` itself otherwise."""
-    if not uses_auto_recipe(cfg):
+    if not cfg.privacy.auto_recipe:
         return cfg
     defaults = TrainSettings()
     changed = {k for k in _AUTO_KEYS if getattr(cfg.train, k) != getattr(defaults, k)}

@@ -97,16 +97,22 @@ def flip_labels(data: TextDataset) -> TextDataset:
     )
 
 
-def partition_attack(cfg: RunConfig, context: Context) -> str | None:
-    """The attack this virtual node mounts in the run ``cfg``, or None.
-
-    Only simulated partitions attack: a node with its own ``data-path`` (a
-    real site) never does, whatever the run config says.
-    """
+def simulated_partition(context: Context) -> tuple[int, int] | None:
+    """(partition id, partitions) of a virtual node; None for a node with its own
+    ``data-path`` (a real site), which no run config can make tamper."""
     node = context.node_config
-    if cfg.sim_malicious_fraction <= 0 or NODE_DATA_PATH in node or NODE_PARTITION_ID not in node:
+    if NODE_DATA_PATH in node or NODE_PARTITION_ID not in node:
         return None
-    pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])  # type: ignore[arg-type]
+    return int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])  # type: ignore[arg-type]
+
+
+def partition_attack(cfg: RunConfig, context: Context) -> str | None:
+    """The attack this virtual node mounts in the run ``cfg``, or None
+    (only simulated partitions attack)."""
+    partition = simulated_partition(context)
+    if cfg.sim_malicious_fraction <= 0 or partition is None:
+        return None
+    pid, n = partition
     chosen = malicious_partitions(cfg.seed, n, cfg.sim_malicious_fraction)
     return cfg.sim_attack if pid in chosen else None
 
@@ -123,10 +129,10 @@ class Adversary:
         (``audit-canaries``, :mod:`fedlora.simulations.canaries`) where planted."""
         if partition_attack(cfg, context) == "label-flip":
             data = flip_labels(data)
-        node = context.node_config
-        if cfg.lm.audit_canaries <= 0 or NODE_DATA_PATH in node or NODE_PARTITION_ID not in node:
+        partition = simulated_partition(context)
+        if cfg.lm.audit_canaries <= 0 or partition is None:
             return data
-        pid, n = int(node[NODE_PARTITION_ID]), int(node[NODE_NUM_PARTITIONS])  # type: ignore[arg-type]
+        pid, n = partition
         planted, _held_out = make_canaries(cfg.seed, cfg.lm.audit_canaries, n)
         mine = [c for c in planted if c.site == pid]
         return with_canaries(data, mine, cfg.lm.audit_canary_repeats)

@@ -40,6 +40,7 @@ from typing import Any
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DataError
 from fedlora.privacy.audit_bound import audit_threshold, roc_auc, tpr_at_fpr
+from fedlora.rundir import simulated_sites
 
 AUDIT_JSON = "audit.json"
 AUDIT_ROC = "audit_roc.png"
@@ -65,16 +66,8 @@ def members_and_non_members(
     """(members, non-members, audited sites), balanced, shuffled by the run's seed."""
     from fedlora.client.prepare import round_subset
     from fedlora.data.partition import client_partition, simulation_split
-    from fedlora.rundir import PARTITIONS_JSON
 
-    partitions = run_dir / PARTITIONS_JSON
-    if not partitions.is_file():
-        raise DataError(
-            f"{run_dir} has no {PARTITIONS_JSON}: a deployment's run, whose members are the "
-            "sites' private data; only a simulation's run can be audited here (a site can "
-            "audit its own data with its own copy of the adapter)"
-        )
-    count = len(json.loads(partitions.read_text()))
+    count = simulated_sites(run_dir)
     chosen = list(sites) if sites else list(range(count))
     if any(not 0 <= s < count for s in chosen):
         raise ConfigError(f"--sites {chosen}: this run has sites 0..{count - 1}")

@@ -31,6 +31,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fedlora.data.instructions import response_text
 from fedlora.data.sources import TextDataset
 
 #: Given names and family names the canaries' patients are drawn from.
@@ -89,10 +90,7 @@ def with_canaries(data: TextDataset, canaries: Sequence[Canary], repeats: int) -
     """``data`` plus ``repeats`` copies of each canary (label answers become free text)."""
     if not canaries:
         return data
-    answers = tuple(
-        data.responses[i] if data.responses else data.labels.names[data.label_ids[i]]
-        for i in range(len(data))
-    )
+    answers = tuple(response_text(data, i) for i in range(len(data)))
     planted = [c for c in canaries for _ in range(repeats)]
     return dataclasses.replace(
         data,
@@ -182,22 +180,17 @@ def audit_language_model(
 ) -> tuple[dict[str, Any], dict[str, tuple[list[float], list[float]]]]:
     """The canary part of ``fedlora audit`` for a causal-LM simulation: the record
     for ``audit.json`` (without pass/fail) and each attack's scores (for the ROC)."""
-    import json
-
     from fedlora.data.partition import simulation_split
     from fedlora.errors import DataError
     from fedlora.models.generation import load_for_generation
-    from fedlora.rundir import PARTITIONS_JSON
+    from fedlora.rundir import simulated_sites
 
     if cfg.lm.audit_canaries <= 0:
         raise DataError(
             f"{run_dir} planted no canaries (audit-canaries=0): a causal LM is audited by "
             "its canaries; rerun the simulation with audit-canaries=20 or more"
         )
-    partitions = run_dir / PARTITIONS_JSON
-    if not partitions.is_file():
-        raise DataError(f"{run_dir} has no {PARTITIONS_JSON}: only a simulation plants canaries")
-    sites = len(json.loads(partitions.read_text()))
+    sites = simulated_sites(run_dir)
     planted, held_out = make_canaries(cfg.seed, cfg.lm.audit_canaries, sites)
     _, template = simulation_split(cfg.data, cfg.seed)
     model, tokenizer = load_for_generation(run_dir)
