@@ -21,6 +21,7 @@ from fedlora.cli.common import (
     EXIT_STOPPED,
     parse_overrides,
 )
+from fedlora.cli.console import app as console_app
 from fedlora.cli.ops import app as ops_app
 from fedlora.errors import ConfigError as FedloraInputError
 from fedlora.errors import FedloraError
@@ -33,6 +34,7 @@ app = typer.Typer(
 
 # Deployment commands (certs, server, register, node, run) live in fedlora.cli.ops.
 app.add_typer(ops_app)
+app.add_typer(console_app)  # fedlora console (fedlora.cli.console)
 
 
 #: ``-c key=value`` / ``-c file.toml``, shared by the commands that take a run config.

@@ -1,0 +1,270 @@
+"""``fedlora console``: the token, the bind rules, the file rules, and a real
+browser (Debian's Chromium, driven by Selenium) on a live tiny simulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TOKEN = "test-token-0123456789abcdef"
+HERE = Path(__file__).parent
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    """A finished run's files, written by hand (no training needed here)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"num-server-rounds": 1, "strategy": "fedavg"}))
+    (run / "status.json").write_text(json.dumps({"status": "completed", "reason": ""}))
+    rounds = [
+        {"round": 0, "global_accuracy": 0.25, "failures": []},
+        {
+            "round": 1,
+            "global_accuracy": 0.5,
+            "clients_ok": 1,
+            "clients_sampled": 2,
+            "clients_failed": 1,
+            "extra": {"epsilon-max": 1.5, "global_perplexity": 9.0, "sample": "a secret"},
+            "failures": ["partition-000001 (node 7): PrivacyBudgetExceeded: cap 1.0 reached"],
+        },
+    ]
+    (run / "metrics.json").write_text(json.dumps({"rounds": rounds}))
+    (run / "accuracy.png").write_bytes(b"\x89PNG fake")
+    (run / "audit.json").write_text(
+        json.dumps({"passed": True, "canaries": {"planted": 2, "rows": [{"secret": "4821-7730"}]}})
+    )
+    return run
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Any:
+    from starlette.testclient import TestClient
+
+    from fedlora.console.server import build_app
+
+    return TestClient(build_app([_run_dir(tmp_path)], TOKEN), follow_redirects=False)
+
+
+def test_every_request_needs_the_token(client: Any) -> None:
+    for path in ("/", "/api/runs", "/api/runs/run", "/static/console.js", "/runs/run/files/x"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.get("/api/runs", headers=bearer).status_code == 200
+    # the token in the address is traded for an HttpOnly cookie, then dropped
+    first = client.get(f"/?token={TOKEN}")
+    assert first.status_code == 303 and first.headers["location"] == "/"
+    cookie = first.headers["set-cookie"]
+    assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    assert client.get("/").status_code == 200  # the cookie now
+    assert client.post("/api/runs", headers=bearer).status_code == 405  # read-only
+
+
+def test_strict_headers_on_every_answer(client: Any) -> None:
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for response in (client.get("/"), client.get("/", headers=bearer)):
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_no_file_outside_the_plots_is_served(client: Any, tmp_path: Path) -> None:
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    ok = client.get("/runs/run/files/accuracy.png", headers=bearer)
+    assert ok.status_code == 200 and ok.content == b"\x89PNG fake"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("patient data")
+    (tmp_path / "run" / "loss.png").symlink_to(secret)  # an allowed name, leading out
+    for path in (
+        "/runs/run/files/loss.png",
+        "/runs/run/files/config.json",
+        "/runs/run/files/..%2F..%2Fsecret.txt",
+        "/runs/run/files/../../secret.txt",
+        "/runs/..%2F/files/secret.txt",
+        "/static/..%2F..%2Fserver.py",
+        "/static/../server.py",
+    ):
+        response = client.get(path, headers=bearer)
+        assert response.status_code == 404, (path, response.status_code)
+        assert b"patient data" not in response.content and b"import" not in response.content
+
+
+def test_the_page_shows_no_training_text_and_names_refusals(client: Any) -> None:
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    view = client.get("/api/runs/run", headers=bearer).json()
+    text = json.dumps(view)
+    assert "a secret" not in text and "4821-7730" not in text  # samples, canary secrets
+    assert view["rounds"][1]["generation"] == {"global_perplexity": 9.0}
+    assert view["rounds"][1]["failures"] == [
+        {
+            "site": "partition-000001",
+            "kind": "refused: budget",
+            "reason": ("PrivacyBudgetExceeded: cap 1.0 reached"),
+        }
+    ]
+    assert view["audit"]["canaries"] == {"planted": 2.0}
+
+
+def test_beyond_loopback_only_with_tls(tmp_path: Path) -> None:
+    from fedlora.console.server import build_app, serve
+
+    with pytest.raises(
+        ValueError,
+        match=r"--host 0\.0\.0\.0: the console leaves this machine "
+        r"only over TLS; give --certfile and --keyfile",
+    ):
+        serve([tmp_path], host="0.0.0.0", announce=lambda _s: None)
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        build_app([tmp_path], "short")
+    result = subprocess.run(
+        [sys.executable, "-m", "fedlora", "console", str(tmp_path), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "only over TLS" in result.stderr
+
+
+# ------------------------------------------------------------- the browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def console_url(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    import uvicorn
+
+    from fedlora.console.server import build_app
+
+    run_dir = tmp_path / "live-run"
+    port = _free_port()
+    config = uvicorn.Config(
+        build_app([run_dir], TOKEN, poll_s=0.2), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", run_dir
+    server.should_exit = True
+    thread.join(10)
+
+
+def _chromium() -> Any:
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chrome and driver):
+        pytest.skip(
+            "no system Chromium: install Debian's chromium and chromium-driver "
+            "(apt-get install chromium chromium-driver; .ci/run does) to run the browser test"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chrome
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1400,2400")
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _wait(what: Any, timeout: float, message: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(message)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_live_run_in_a_real_browser(
+    console_url: tuple[str, Path], tiny_model_dir: Path, text_csv: Path
+) -> None:
+    from console_run import HOSTILE
+    from selenium.webdriver.common.by import By
+
+    url, run_dir = console_url
+    browser = _chromium()
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "console_run.py"),
+            *map(str, (tiny_model_dir, text_csv, run_dir)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+    )
+    try:
+        browser.get(url + "/")
+        assert "401" in browser.find_element(By.TAG_NAME, "body").text  # no token: refused
+        browser.get(f"{url}/?token={TOKEN}")
+        assert browser.current_url == url + "/" or "#run/" in browser.current_url  # token dropped
+        rows = lambda: browser.find_elements(By.CSS_SELECTOR, "#rounds tbody tr")  # noqa: E731
+        _wait(
+            lambda: any(r.get_attribute("data-round") == "1" for r in rows()),
+            240,
+            "round 1 never appeared on the page",
+        )
+        browser.execute_script("window.__noReload = 42;")  # gone if the page reloads
+        assert sim.poll() is None, "the run ended before the live check could start"
+        _wait(lambda: sim.poll() is not None, 240, "the simulation did not finish")
+        assert sim.returncode == 0, sim.stderr.read() if sim.stderr else ""
+        _wait(lambda: len(rows()) == 4, 30, "round 3 did not appear without a reload")
+        assert browser.execute_script("return window.__noReload;") == 42
+        _wait(
+            lambda: "completed" in browser.find_element(By.CSS_SELECTOR, ".status").text,
+            30,
+            "the page never showed the run completed",
+        )
+
+        metrics = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+        shown = [[c.text for c in r.find_elements(By.TAG_NAME, "td")] for r in rows()]
+        assert [int(r[0]) for r in shown] == [m["round"] for m in metrics]
+        assert [r[3] for r in shown] == [f"{m['global_accuracy']:.4f}" for m in metrics]
+        replied = [f"{m['clients_ok']}/{m['clients_sampled']}" for m in metrics[1:]]
+        assert [r[1] for r in shown[1:]] == replied
+        points = browser.execute_script("return window.fedloraCharts.accuracy.data;")
+        assert points[0] == [m["round"] for m in metrics]
+        assert points[1] == pytest.approx([m["global_accuracy"] for m in metrics])
+
+        # the failed site and its reason, shown as text (the hostile HTML stays inert)
+        reasons = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#failures td.reason")]
+        assert len(reasons) == 3 and all(HOSTILE in r for r in reasons), reasons
+        assert not browser.find_elements(By.ID, "pwned")
+        site0 = browser.find_element(By.CSS_SELECTOR, '#sites tr[data-site="partition-000000"]')
+        assert "round 1: error" in site0.text
+
+        shot = Path(os.environ.get("FEDLORA_SCREENSHOT_DIR", str(run_dir))) / "console.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        print(f"screenshot: {shot}")
+    finally:
+        browser.quit()
+        if sim.poll() is None:
+            sim.kill()
