@@ -19,6 +19,7 @@ import pytest
 
 TOKEN = "test-token-0123456789abcdef"
 HERE = Path(__file__).parent
+FEDLORA = (sys.executable, "-m", "fedlora")
 
 
 def _run_dir(tmp_path: Path) -> Path:
@@ -268,3 +269,65 @@ def test_a_live_run_in_a_real_browser(
         browser.quit()
         if sim.poll() is None:
             sim.kill()
+
+
+@pytest.mark.integration
+def test_beyond_loopback_over_tls_with_fedlora_certs(tmp_path: Path) -> None:
+    """``--host 0.0.0.0`` with the certificates ``fedlora certs`` makes: HTTPS
+    only, the token still required, the CA verifies the server."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    certs = tmp_path / "certs"
+    made = subprocess.run(
+        [*FEDLORA, "certs", "--out", str(certs), "--host", "127.0.0.1", "--node", "site-a"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            *FEDLORA,
+            "console",
+            str(_run_dir(tmp_path)),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--certfile",
+            str(certs / "server.pem"),
+            "--keyfile",
+            str(certs / "server.key"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "FEDLORA_CONSOLE_TOKEN": TOKEN},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == f"fedlora console: https://0.0.0.0:{port}/?token={TOKEN}", line
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        url = f"https://127.0.0.1:{port}/api/runs"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, context=context, timeout=5)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401  # up, and refusing without the token
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the console never answered over TLS")
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, context=context, timeout=5) as answer:
+            assert json.loads(answer.read())["runs"][0]["name"] == "run"
+        with pytest.raises(OSError):  # no plain HTTP on that port
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(10)
