@@ -60,6 +60,13 @@ def simulate(
     num_gpus: Annotated[
         float, typer.Option(help="GPU fraction per virtual client (0.25 -> 4 share one).")
     ] = 0.0,
+    ray_address: Annotated[
+        str,
+        typer.Option(
+            help="Attach to an existing Ray cluster (its head's HOST:PORT) instead of "
+            "starting Ray here; clients are placed across the cluster's nodes."
+        ),
+    ] = "",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in run-dir from its last complete round.")
@@ -74,7 +81,8 @@ def simulate(
         overrides = parse_overrides(config or [])
         if resume:
             overrides["resume"] = True
-        status = run(overrides, num_clients, Resources(num_cpus, num_gpus), verbose)
+        resources = Resources(num_cpus, num_gpus, ray_address=ray_address or None)
+        status = run(overrides, num_clients, resources, verbose)
     except FedloraError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -30,6 +30,8 @@ class Resources:
     num_gpus: float = 0.0
     total_cpus: int | None = None
     total_gpus: int | None = None
+    #: An existing Ray cluster (``HOST:PORT`` of its head) instead of a local Ray.
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_cpus <= 0:
@@ -39,17 +41,30 @@ class Resources:
                 f"num-gpus per client is {self.num_gpus}; use a fraction in [0, 1] "
                 "(0.25 -> four clients share a GPU) or a whole number"
             )
+        host, _, port = (self.ray_address or "h:1").rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(
+                f"ray-address is {self.ray_address!r}; give the head node's HOST:PORT "
+                "(the address `ray start --head --port PORT` printed), e.g. 10.0.0.5:6379"
+            )
 
     def backend_config(self) -> dict[str, Any]:
-        """Flower's backend config for the Ray backend."""
+        """Flower's backend config for the Ray backend.
+
+        With ``ray_address`` the engine attaches to that cluster: its nodes'
+        CPUs and GPUs size the actor pool (Flower counts them per node), so
+        no totals are passed (Ray refuses them when attaching)."""
         init: dict[str, Any] = {
-            "num_cpus": self.total_cpus or os.cpu_count() or 1,
             "include_dashboard": False,
             "logging_level": "error",
             "log_to_driver": True,
         }
-        if self.total_gpus is not None:
-            init["num_gpus"] = self.total_gpus
+        if self.ray_address:
+            init["address"] = self.ray_address
+        else:
+            init["num_cpus"] = self.total_cpus or os.cpu_count() or 1
+            if self.total_gpus is not None:
+                init["num_gpus"] = self.total_gpus
         return {
             "client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "init_args": init,
@@ -91,6 +106,7 @@ def simulate(
     from fedlora.rundir import status_of, write_status
     from fedlora.server.app import build_server_app
     from fedlora.simulations.attacks import Adversary
+    from fedlora.simulations.placement import placement_mod
 
     if num_clients < 1:
         raise ConfigError(f"num-clients is {num_clients}; use >= 1")
@@ -123,7 +139,9 @@ def simulate(
             run_simulation(
                 server_app=build_server_app(flat),
                 # The simulated attacks are installed here, on virtual nodes only.
-                client_app=build_client_app(flat, client_mods, tamper=Adversary()),
+                client_app=build_client_app(
+                    flat, [placement_mod(run_dir), *(client_mods or [])], tamper=Adversary()
+                ),
                 num_supernodes=num_clients,
                 backend_config=resources.backend_config(),  # type: ignore[arg-type]
                 verbose_logging=verbose,
