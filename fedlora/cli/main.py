@@ -67,22 +67,36 @@ def simulate(
             "starting Ray here; clients are placed across the cluster's nodes."
         ),
     ] = "",
-    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "-v", "--verbose", help="Show Flower's, Ray's and the libraries' logs here too."
+        ),
+    ] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in run-dir from its last complete round.")
     ] = False,
 ) -> None:
     """Run a federated simulation of N virtual clients (Flower simulation engine)."""
-    from fedlora.simulations.engine import Resources
+    from fedlora.simulations.engine import Resources, resolve_config
     from fedlora.simulations.engine import simulate as run
     from fedlora.simulations.report import summary_table
+    from fedlora.simulations.terminal import LOG_FILE, RoundDisplay, quiet_output
 
     try:
         overrides = parse_overrides(config or [])
         if resume:
             overrides["resume"] = True
         resources = Resources(num_cpus, num_gpus, ray_address=ray_address or None)
-        status = run(overrides, num_clients, resources, verbose)
+        if verbose:
+            status = run(overrides, num_clients, resources, verbose)
+        else:  # one progress display; everything else goes to <run-dir>/fedlora.log
+            cfg = resolve_config(overrides)
+            log_file = Path(cfg.run_dir).resolve() / LOG_FILE
+            with quiet_output(log_file) as terminal:
+                print(f"fedlora simulate · {num_clients} clients · log: {log_file}", file=terminal)
+                with RoundDisplay(Path(cfg.run_dir).resolve(), cfg.num_server_rounds, terminal):
+                    status = run(overrides, num_clients, resources, verbose)
     except FedloraError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import typer
 
@@ -260,7 +261,13 @@ def run(
     timeout: Annotated[
         float, typer.Option(help="Give up waiting after this many seconds (0: never).")
     ] = 0.0,
-    stream: Annotated[bool, typer.Option(help="Print the server's log while it runs.")] = True,
+    stream: Annotated[bool, typer.Option(help="Follow the server's log while it runs.")] = True,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "-v", "--verbose", help="Print the server's whole log, not only fedlora's progress."
+        ),
+    ] = False,
     server_state_dir: Annotated[
         Path | None,
         typer.Option(
@@ -300,7 +307,7 @@ def run(
     deadline = start + timeout if timeout > 0 else None
     try:
         if stream:
-            _stream_logs(flwr_home, connection, run_id, deadline)
+            _stream_logs(flwr_home, connection, run_id, deadline, verbose)
         remaining = max(1.0, deadline - time.monotonic()) if deadline else 10 * 365 * 86400.0
         status = flwr_cli.wait_for_run(flwr_home, connection, run_id, timeout=remaining)
     except deploy.DeploymentError as exc:
@@ -324,12 +331,45 @@ def run(
     raise typer.Exit(code)
 
 
-def _stream_logs(flwr_home: Path, connection: str, run_id: int, deadline: float | None) -> None:
-    """Print the ServerApp's log until the run ends (``flwr log`` streams till then)."""
+#: Lines of the server's log that are fedlora's own progress and verdicts; the
+#: rest (Flower's notices, third-party warnings) goes to the run's log file.
+OWN_LINES = ("[round ", "exporting round", "run stopped", "privacy audit", "late reply")
+
+
+def _stream_logs(
+    flwr_home: Path, connection: str, run_id: int, deadline: float | None, verbose: bool
+) -> None:
+    """Follow the ServerApp's log until the run ends (``flwr log`` streams till then):
+    every line to ``<flwr-home>/logs/run-<id>.log``; fedlora's progress lines (or,
+    with ``--verbose``, all) to the terminal."""
     home = flwr_home.expanduser().resolve()
     flwr = Path(sys.executable).parent / "flwr"
     command = [str(flwr) if flwr.is_file() else "flwr", "log", str(run_id), connection]
-    with subprocess.Popen(command, env=flwr_cli.flower_env(home), cwd=home) as proc:
+    log_path = home / "logs" / f"run-{run_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"server log: {log_path}", err=True)
+
+    def follow(proc: subprocess.Popen[str], log: IO[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if verbose or any(mark in line for mark in OWN_LINES):
+                typer.echo(line.rstrip("\n").split("INFO :      ", 1)[-1])
+
+    with (
+        log_path.open("a", encoding="utf-8") as log,
+        subprocess.Popen(
+            command,
+            env=flwr_cli.flower_env(home),
+            cwd=home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as proc,
+    ):
+        reader = threading.Thread(target=follow, args=(proc, log), daemon=True)
+        reader.start()
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()) if deadline else None)
         except subprocess.TimeoutExpired:
@@ -341,6 +381,8 @@ def _stream_logs(flwr_home: Path, connection: str, run_id: int, deadline: float 
         except BaseException:
             proc.terminate()
             raise
+        finally:
+            reader.join(timeout=10)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m fedlora.cli.ops`
