@@ -110,15 +110,23 @@ def test_an_overfit_adapter_leaks_and_a_false_dp_claim_fails_the_audit(
     assert record["epsilon_lower_95"] > 0
     assert record["epsilon_accounted"] is None and record["passed"]  # no DP claimed
     assert (overfit_run / AUDIT_JSON).is_file() and (overfit_run / AUDIT_ROC).is_file()
-    # "DP" with the noise off while the ledger claims ε = 0.5: what the audit
-    # sees is exactly this adapter beside that claim, and it must fail.
-    metrics = json.loads((overfit_run / "metrics.json").read_text())
-    for r in metrics["rounds"][1:]:
-        r.setdefault("extra", {})["epsilon-max"] = 0.5
-    (overfit_run / "metrics.json").write_text(json.dumps(metrics))
+    assert record["per_site"][0]["site"] == 0 and record["per_site"][0]["members"] == 30
+    # "DP" with the noise off while site 0's ledger claims ε = 0.5 (what it reports
+    # in clients.json): the audit sees exactly this adapter beside that claim and
+    # must fail, naming the site and both numbers.
+    clients = json.loads((overfit_run / "clients.json").read_text())
+    for row in clients:
+        row["epsilon"] = 0.5
+    (overfit_run / "clients.json").write_text(json.dumps(clients))
     broken = audit_run(overfit_run, progress=lambda _s: None)
     assert broken["epsilon_accounted"] == 0.5
     assert not broken["passed"] and broken["epsilon_lower_95"] > 0.5
+    site = broken["per_site"][0]
+    assert site["epsilon_accounted"] == 0.5 and site["passed"] is False
+    assert (
+        f"site 0: empirical lower bound {site['epsilon_lower_95']:.2f} exceeds its accounted "
+        "ε 0.50" in broken["failures"]
+    )
     from fedlora.simulations.report import summary_table
 
     line = summary_table(overfit_run).splitlines()[-1]
@@ -135,7 +143,8 @@ def test_members_the_model_never_saw_look_like_non_members(overfit_run: Path) ->
     from fedlora.simulations.audit import attack, losses, members_and_non_members, run_config_of
 
     cfg = run_config_of(overfit_run)
-    members, non_members, _ = members_and_non_members(cfg, overfit_run, None, 400)
+    members, non_members, _, owners = members_and_non_members(cfg, overfit_run, None, 400)
+    assert owners == [0] * len(members)
     model = build_model(cfg.model_path or None, 3, cfg.lora, cfg.seed)
     tokenizer = load_tokenizer(cfg.model_path or None)
     scores = [[-v for v in losses(model, tokenizer, d, 32)] for d in (members, non_members)]

@@ -302,6 +302,9 @@ def test_real_flower_simulation_of_the_causal_lm(tiny_folder: Path, tmp_path: Pa
     canaries = audit["canaries"]
     assert (canaries["planted"], canaries["held_out"], audit["members"]) == (20, 20, 20)
     assert audit["sites"] == [0, 1, 2] and audit["epsilon_accounted"] is None
+    # 7, 7 and 6 canaries a site: too few for a per-site bound, and said so
+    assert [(r["site"], r["members"]) for r in audit["per_site"]] == [(0, 7), (1, 7), (2, 6)]
+    assert all("fewer than 20: no per-site bound" in r["skipped"] for r in audit["per_site"])
     assert all(0 <= r["exposure"] <= canaries["exposure_max"] for r in canaries["rows"])
     assert (run_dir / "audit_canaries.png").stat().st_size > 0
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]

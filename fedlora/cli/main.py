@@ -205,14 +205,20 @@ def audit(
             f"ε lower bound {result['epsilon_lower_95']:.2f}"
         )
     typer.echo(summary_line(record))
-    if not record["passed"]:
-        typer.secho(
-            f"AUDIT FAILED: sites {record['sites']}: the empirical lower bound "
-            f"{record['epsilon_lower_95']:.2f} exceeds the accounted ε "
-            f"{record['epsilon_accounted']:.2f}; DP is broken somewhere in this run",
-            fg=typer.colors.RED,
-            err=True,
+    for row in record.get("per_site", []):
+        claim = row.get("epsilon_accounted")
+        detail = row.get("skipped") or f"lower bound {row['epsilon_lower_95']:.2f}"
+        typer.echo(
+            f"  site {row['site']}: {row['members']} members · ε accounted "
+            f"{'∞ (no DP)' if claim is None else f'{claim:.2f}'} · {detail}"
         )
+    if not record["passed"]:
+        for line in record["failures"]:
+            typer.secho(
+                f"AUDIT FAILED: {line}; DP is broken somewhere in this run",
+                fg=typer.colors.RED,
+                err=True,
+            )
         raise typer.Exit(EXIT_FAILED)
     raise typer.Exit(EXIT_OK)
 

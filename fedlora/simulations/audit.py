@@ -62,8 +62,9 @@ def run_config_of(run_dir: Path) -> RunConfig:
 
 def members_and_non_members(
     cfg: RunConfig, run_dir: Path, sites: Sequence[int] | None, limit: int
-) -> tuple[Any, Any, list[int]]:
-    """(members, non-members, audited sites), balanced, shuffled by the run's seed."""
+) -> tuple[Any, Any, list[int], list[int]]:
+    """(members, non-members, audited sites, each member's site), balanced,
+    shuffled by the run's seed."""
     from fedlora.client.prepare import round_subset
     from fedlora.data.partition import client_partition, simulation_split
 
@@ -72,6 +73,7 @@ def members_and_non_members(
     if any(not 0 <= s < count for s in chosen):
         raise ConfigError(f"--sites {chosen}: this run has sites 0..{count - 1}")
     rows: dict[str, int] = {}
+    owner: dict[str, int] = {}
     texts = []
     for site in chosen:
         data = client_partition(cfg.data, cfg.seed, site, count)
@@ -79,7 +81,7 @@ def members_and_non_members(
             drawn = round_subset(data, cfg.train.max_train_examples, cfg.seed, rnd, site)
             for text, label in zip(drawn.texts, drawn.label_ids, strict=True):
                 if text not in rows:
-                    rows[text] = label
+                    rows[text], owner[text] = label, site
                     texts.append(text)
     _, held_out = simulation_split(cfg.data, cfg.seed)
     outside = [
@@ -108,7 +110,8 @@ def members_and_non_members(
             contexts=(),
         )
 
-    return as_data(inside[:n], "members"), as_data(outside[:n], "non-members"), chosen
+    members = as_data(inside[:n], "members")
+    return members, as_data(outside[:n], "non-members"), chosen, [owner[t] for t in members.texts]
 
 
 def losses(model: Any, tokenizer: Any, data: Any, max_len: int) -> list[float]:
@@ -158,6 +161,52 @@ def accounted_epsilon(run_dir: Path) -> float:
     return max(values) if values else math.inf
 
 
+def site_epsilons(run_dir: Path) -> dict[int, float]:
+    """Each simulated site's ε as its own ledger reported it (``clients.json``:
+    the largest, i.e. the latest cumulative, value per ``partition-NNNNNN``)."""
+    from fedlora.rundir import CLIENTS_JSON
+
+    path = run_dir / CLIENTS_JSON
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    out: dict[int, float] = {}
+    for row in rows if isinstance(rows, list) else []:
+        name, eps = row.get("site", ""), row.get("epsilon")
+        if (
+            isinstance(name, str)
+            and name.startswith("partition-")
+            and isinstance(eps, (int, float))
+        ):
+            site = int(name.removeprefix("partition-"))
+            out[site] = max(out.get(site, 0.0), float(eps))
+    return out
+
+
+def site_verdict(
+    site: int,
+    owners: Sequence[int],
+    scores: dict[str, tuple[list[float], list[float]]],
+    delta: float,
+    accounted: float,
+) -> dict[str, Any]:
+    """One site's bound (its members against as many non-members) beside its own ε."""
+    picked = [i for i, s in enumerate(owners) if s == site]
+    row: dict[str, Any] = {
+        "site": site,
+        "members": len(picked),
+        "epsilon_accounted": accounted if math.isfinite(accounted) else None,
+    }
+    if len(picked) < MIN_MEMBERS:
+        row["skipped"] = f"{len(picked)} members, fewer than {MIN_MEMBERS}: no per-site bound"
+        return row
+    bounds = [
+        audit_threshold([m[i] for i in picked], n[: len(picked)], delta).epsilon_lower_95
+        for m, n in scores.values()
+    ]
+    row["epsilon_lower_95"] = max(bounds)
+    row["passed"] = row["epsilon_lower_95"] <= accounted
+    return row
+
+
 def audit_run(
     run_dir: Path,
     sites: Sequence[int] | None = None,
@@ -175,15 +224,33 @@ def audit_run(
         from fedlora.simulations.canaries import audit_language_model
 
         extra, scores = audit_language_model(run_dir, cfg, progress)
-        chosen = sorted({r["site"] for r in extra["canaries"]["rows"] if r["site"] >= 0})
+        owners = [r["site"] for r in extra["canaries"]["rows"] if r["site"] >= 0]
     else:
-        scores, chosen = classifier_scores(cfg, run_dir, adapter, sites, limit, progress)
+        scores, owners = classifier_scores(cfg, run_dir, adapter, sites, limit, progress)
+    chosen = sorted(set(owners))
     delta = cfg.privacy.dp_delta
     attacks = {name: attack(m, n, delta) for name, (m, n) in scores.items()}
-    accounted = accounted_epsilon(run_dir)
+    spent = site_epsilons(run_dir)
+    per_site = [site_verdict(s, owners, scores, delta, spent.get(s, math.inf)) for s in chosen]
+    # the pooled members come from all audited sites: the loosest claim covers them
+    accounted = max((spent.get(s, math.inf) for s in chosen), default=math.inf)
+    if not spent:  # an older run without per-site ledgers in clients.json
+        accounted = accounted_epsilon(run_dir)
     lower = max(a["epsilon_lower_95"] for a in attacks.values())
+    failures = [
+        f"site {s['site']}: empirical lower bound {s['epsilon_lower_95']:.2f} exceeds its "
+        f"accounted ε {s['epsilon_accounted']:.2f}"
+        for s in per_site
+        if s.get("passed") is False
+    ]
+    if lower > accounted:
+        failures.insert(
+            0,
+            f"sites {chosen} together: empirical lower bound {lower:.2f} exceeds the "
+            f"accounted ε {accounted:.2f}",
+        )
     record = {
-        "version": 1,
+        "version": 2,
         "task": cfg.task,
         "sites": chosen,
         "members": len(scores["loss"][0]),
@@ -191,8 +258,10 @@ def audit_run(
         "delta": delta,
         "epsilon_accounted": accounted if math.isfinite(accounted) else None,
         "epsilon_lower_95": lower,
-        "passed": lower <= accounted,
+        "passed": not failures,
+        "failures": failures,
         "attacks": attacks,
+        "per_site": per_site,
         **extra,
     }
     atomic_write_json(run_dir / AUDIT_JSON, record)
@@ -213,12 +282,12 @@ def classifier_scores(
     progress: Callable[[str], None],
 ) -> tuple[dict[str, tuple[list[float], list[float]]], list[int]]:
     """Both attacks' scores (higher = member) on the classifier's members and
-    non-members, and the audited sites."""
+    non-members, and each member's site."""
     from fedlora.models.adapter import load_exported
     from fedlora.models.loading import build_model, load_tokenizer
     from fedlora.models.task import get_task
 
-    members, non_members, chosen = members_and_non_members(cfg, run_dir, sites, limit)
+    members, non_members, chosen, owners = members_and_non_members(cfg, run_dir, sites, limit)
     folder = str(get_task(cfg.task).folder(cfg.model_path or None))
     tokenizer = load_tokenizer(folder)
     progress(f"audit: {len(members)} members of sites {chosen}, {len(non_members)} non-members")
@@ -239,7 +308,7 @@ def classifier_scores(
             [r - t for r, t in zip(reference[1], target[1], strict=True)],
         ),
     }
-    return scores, chosen
+    return scores, owners
 
 
 def plot_roc(

@@ -167,9 +167,7 @@ def simulate(
                 write_status(
                     run_dir,
                     "failed",
-                    f"privacy audit failed: empirical ε lower bound "
-                    f"{record['epsilon_lower_95']:.2f} exceeds the accounted "
-                    f"{record['epsilon_accounted']:.2f} (sites {record['sites']})",
+                    "privacy audit failed: " + "; ".join(record["failures"]),
                     **{k: v for k, v in status.items() if k not in ("status", "reason", "time")},
                 )
                 status = status_of(run_dir)
