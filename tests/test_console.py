@@ -331,3 +331,47 @@ def test_beyond_loopback_over_tls_with_fedlora_certs(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_sweeps_folders_and_live_runs_are_found_and_compared(tmp_path: Path) -> None:
+    from fedlora.console.views import discover, overview, run_view
+
+    sweep = tmp_path / "sweep"
+    for cell, acc in (("strategy=fedavg", 0.5), ("strategy=ffa-lora", 0.75)):
+        (sweep / cell).mkdir(parents=True)
+        rounds = [{"round": 0, "global_accuracy": 0.25}, {"round": 1, "global_accuracy": acc}]
+        (sweep / cell / "metrics.json").write_text(json.dumps({"rounds": rounds}))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "status.json").write_text(json.dumps({"status": "completed"}))
+    # a hostile sweep.json naming folders outside the sweep: not shown
+    cells = ["strategy=fedavg", "strategy=ffa-lora", "../elsewhere", "/etc"]
+    (sweep / "sweep.json").write_text(json.dumps({"cells": cells}))
+    live = tmp_path / "not-started-yet"
+    runs = discover([sweep, live])
+    assert runs == {
+        "sweep_strategy=fedavg": sweep / "strategy=fedavg",
+        "sweep_strategy=ffa-lora": sweep / "strategy=ffa-lora",
+        "not-started-yet": live,
+    }
+    table = {r["name"]: r for r in overview(runs)}
+    assert table["sweep_strategy=ffa-lora"]["global_accuracy"] == 0.75
+    assert table["sweep_strategy=fedavg"]["accuracy_by_round"] == [[0, 0.25], [1, 0.5]]
+    assert table["not-started-yet"]["status"] == "waiting"
+    assert run_view("not-started-yet", live)["rounds"] == []
+
+
+def test_placement_is_summarised_per_ray_node(tmp_path: Path) -> None:
+    from fedlora.console.views import placement_view
+
+    lines = [
+        {"partition": 0, "ray_node": "a" * 40, "ip": "10.0.0.1"},
+        {"partition": 2, "ray_node": "a" * 40, "ip": "10.0.0.1"},
+        {"partition": 1, "ray_node": "b" * 40, "ip": "10.0.0.2"},
+    ]
+    text = "\n".join(json.dumps(v) for v in lines) + '\n{"torn'
+    (tmp_path / "placement.jsonl").write_text(text)
+    assert placement_view(tmp_path) == [
+        {"node": "a" * 12, "ip": "10.0.0.1", "messages": 2, "partitions": [0, 2]},
+        {"node": "b" * 12, "ip": "10.0.0.2", "messages": 1, "partitions": [1]},
+    ]

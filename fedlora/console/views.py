@@ -34,6 +34,7 @@ from fedlora.rundir import (
 # fedlora.simulations.audit.AUDIT_JSON (the console imports no simulation code)
 AUDIT_FILE = "audit.json"
 AUDIT_PLOTS = ("audit_roc.png", "audit_canaries.png")
+PLACEMENT_FILE = "placement.jsonl"  # fedlora.simulations.placement
 METADATA_FILE = "fedlora_metadata.json"  # fedlora.models.adapter (torch-free here)
 #: The only files the console serves from a run directory: fixed names, so no
 #: request path ever reaches the file system.
@@ -70,6 +71,11 @@ def is_run(path: Path) -> bool:
     return any((path / name).is_file() for name in (CONFIG_FILE, STATUS_FILE, METRICS_JSON))
 
 
+def _child_dir(root: Path, name: str) -> bool:
+    path = root / name
+    return path.is_dir() and not path.is_symlink() and path.resolve().parent == root.resolve()
+
+
 def discover(roots: list[Path]) -> dict[str, Path]:
     """Name -> run directory for what the console was given: run directories,
     sweeps (each cell a run), or folders of runs. A root that does not exist yet
@@ -87,7 +93,8 @@ def discover(roots: list[Path]) -> dict[str, Path]:
         sweep = read_json(root / SWEEP_JSON) if root.is_dir() else None
         if isinstance(sweep, dict):
             for cell in sweep.get("cells", []):
-                if isinstance(cell, str) and (root / cell).is_dir():
+                # a cell is a folder directly inside the sweep, never a path out of it
+                if isinstance(cell, str) and _child_dir(root, cell):
                     add(f"{root.name}/{cell}".replace("/", "_"), root / cell)
         elif not root.is_dir() or is_run(root) or not any(root.iterdir()):
             add(root.name, root)
@@ -241,6 +248,37 @@ def audit_view(audit: Any) -> dict[str, Any] | None:
     }
 
 
+def placement_view(run_dir: Path) -> list[dict[str, Any]]:
+    """Messages and partitions per Ray node (simulations; ``placement.jsonl``)."""
+    nodes: dict[str, dict[str, Any]] = {}
+    try:
+        lines = (run_dir / PLACEMENT_FILE).read_text().splitlines()
+    except OSError:
+        return []
+    for text in lines:
+        try:
+            row = json.loads(text)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        node = nodes.setdefault(
+            str(row.get("ray_node")), {"ip": str(row.get("ip")), "messages": 0, "partitions": set()}
+        )
+        node["messages"] += 1
+        if isinstance(row.get("partition"), int):
+            node["partitions"].add(row["partition"])
+    return [
+        {
+            "node": k[:12],
+            "ip": v["ip"],
+            "messages": v["messages"],
+            "partitions": sorted(v["partitions"]),
+        }
+        for k, v in sorted(nodes.items())
+    ]
+
+
 def run_view(name: str, run_dir: Path) -> dict[str, Any]:
     """Everything the page shows of one run."""
     status = read_json(run_dir / STATUS_FILE)
@@ -265,6 +303,7 @@ def run_view(name: str, run_dir: Path) -> dict[str, Any]:
             if isinstance(p, dict)
         ],
         "adapter": metadata if isinstance(metadata, dict) else None,
+        "placement": placement_view(run_dir),
         "audit": audit_view(read_json(run_dir / AUDIT_FILE)),
         "plots": sorted(n for n in SERVED_FILES if (run_dir / n).is_file()),
         "tensorboard": str(run_dir / TENSORBOARD_DIR)

@@ -174,6 +174,16 @@ function renderRun(view) {
     }
     parts.appendChild(t);
   }
+  if (view.placement.length) {
+    parts.appendChild(el("h3", "Placement (Ray nodes)"));
+    const t = el("table");
+    t.id = "placement";
+    t.appendChild(row([["Ray node", "text"], ["IP", "text"], ["messages"], ["partitions", "text"]]));
+    for (const p of view.placement) {
+      t.appendChild(row([[p.node, "text"], [p.ip, "text"], [p.messages], [p.partitions.join(", "), "text"]]));
+    }
+    parts.appendChild(t);
+  }
   const ad = sec.querySelector(".adapter");
   ad.replaceChildren();
   if (view.adapter) {
