@@ -170,3 +170,20 @@ def test_runs_that_cannot_be_audited_say_why(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(lm))
     with pytest.raises(DataError, match=r"planted no canaries \(audit-canaries=0\)"):
         audit_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_an_adapter_whose_labels_do_not_match_is_refused(overfit_run: Path) -> None:
+    from fedlora.errors import DataError
+    from fedlora.simulations.audit import audit_run
+
+    labels = overfit_run / "adapter" / "fedlora_labels.json"
+    original = labels.read_text()
+    try:
+        labels.write_text(json.dumps({"labels": ["c", "b", "a"]}))
+        with pytest.raises(
+            DataError, match=r"labels \['c', 'b', 'a'\] do not match the run's data"
+        ):
+            audit_run(overfit_run, progress=lambda _s: None)
+    finally:
+        labels.write_text(original)

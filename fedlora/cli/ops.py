@@ -70,6 +70,12 @@ FlwrHome = Annotated[
     Path, typer.Option(help="Folder for the flwr CLI's connection config (FLWR_HOME).")
 ]
 Connection = Annotated[str, typer.Option(help="Name of the SuperLink connection in FLWR_HOME.")]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "-v", "--verbose", help="Print the server's whole log, not only fedlora's progress."
+    ),
+]
 
 
 # ------------------------------------------------------------------- certs
@@ -262,12 +268,7 @@ def run(
         float, typer.Option(help="Give up waiting after this many seconds (0: never).")
     ] = 0.0,
     stream: Annotated[bool, typer.Option(help="Follow the server's log while it runs.")] = True,
-    verbose: Annotated[
-        bool,
-        typer.Option(
-            "-v", "--verbose", help="Print the server's whole log, not only fedlora's progress."
-        ),
-    ] = False,
+    verbose: Verbose = False,
     server_state_dir: Annotated[
         Path | None,
         typer.Option(

@@ -292,6 +292,12 @@ def classifier_scores(
     tokenizer = load_tokenizer(folder)
     progress(f"audit: {len(members)} members of sites {chosen}, {len(non_members)} non-members")
     model, labels = load_exported(adapter, cfg.model_path or None)
+    if list(labels) != list(members.labels.names):
+        raise DataError(
+            f"the exported adapter's labels {list(labels)} do not match the run's data labels "
+            f"{list(members.labels.names)}: every score would be against the wrong class; "
+            "audit the run directory the adapter was trained in (or its labels setting)"
+        )
     target = [
         losses(model, tokenizer, rows, cfg.train.max_seq_length) for rows in (members, non_members)
     ]
