@@ -105,9 +105,10 @@ def discover(roots: list[Path]) -> dict[str, Path]:
 
 
 def signature(run_dir: Path) -> tuple[float, ...]:
-    """Modification times of the watched files: the page updates when it changes."""
+    """Modification times of the watched files and the plots (drawn after the
+    last round): the page updates when it changes."""
     out = []
-    for name in WATCHED:
+    for name in (*WATCHED, *sorted(SERVED_FILES), PLACEMENT_FILE):
         try:
             out.append((run_dir / name).stat().st_mtime)
         except OSError:
