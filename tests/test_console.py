@@ -326,6 +326,13 @@ def test_beyond_loopback_over_tls_with_fedlora_certs(tmp_path: Path) -> None:
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
         with urllib.request.urlopen(request, context=context, timeout=5) as answer:
             assert json.loads(answer.read())["runs"][0]["name"] == "run"
+        import http.client
+
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+        conn.request("GET", f"/?token={TOKEN}")
+        cookie = conn.getresponse().getheader("set-cookie") or ""
+        assert "secure" in cookie.lower() and "httponly" in cookie.lower()  # never sent plain
+        conn.close()
         with pytest.raises(OSError):  # no plain HTTP on that port
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=5)
     finally:

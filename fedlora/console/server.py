@@ -106,7 +106,8 @@ class Guard:
             )
         elif in_query:  # trade the token in the address bar for a cookie, then drop it
             response = RedirectResponse(scope.get("path", "/"), status_code=303)
-            response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=False)
+            secure = scope.get("scheme") == "https"  # over TLS the cookie never goes plain
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=secure)
         if response is not None:
             await response(scope, receive, with_headers)
             return
