@@ -151,3 +151,16 @@ def declare_mode(strategy: str, mode: str) -> None:
 def client_mode(strategy: str) -> str:
     """How nodes train for ``strategy``: ``standard``, ``ffa`` or ``hetero-rank``."""
     return STRATEGY_MODES.get(strategy, MODE_STANDARD)
+
+
+def partition_site_key(partition_id: int) -> str:
+    """A simulated node's site key (the ``SITE_KEY`` it reports, ``clients.json``'s
+    ``site``): its partition, zero-padded so the keys sort in partition order."""
+    return f"partition-{partition_id:06d}"
+
+
+def partition_of_site_key(key: str) -> int | None:
+    """The partition a simulated site key names; None for any other name (a real
+    site's, or one that only looks like it)."""
+    digits = key.removeprefix("partition-")
+    return int(digits) if digits != key and digits.isdigit() else None

@@ -187,3 +187,21 @@ def test_an_adapter_whose_labels_do_not_match_is_refused(overfit_run: Path) -> N
             audit_run(overfit_run, progress=lambda _s: None)
     finally:
         labels.write_text(original)
+
+
+def test_site_epsilons_read_simulated_site_keys_only(tmp_path: Path) -> None:
+    from fedlora.protocol import partition_of_site_key, partition_site_key
+    from fedlora.simulations.audit import site_epsilons
+
+    assert partition_site_key(3) == "partition-000003"
+    assert partition_of_site_key("partition-000003") == 3
+    for name in ("hospital-a", "partition-", "partition-x1", "node-7"):
+        assert partition_of_site_key(name) is None
+    rows = [
+        {"site": "partition-000001", "round": 1, "epsilon": 2.5},
+        {"site": "partition-000001", "round": 2, "epsilon": 4.0},
+        {"site": "partition-evil", "round": 1, "epsilon": 99.0},  # not a simulated key
+        {"site": "partition-000002", "round": 1},  # no DP: no ε
+    ]
+    (tmp_path / "clients.json").write_text(json.dumps(rows))
+    assert site_epsilons(tmp_path) == {1: 4.0}

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from lm_training import fit_full_batch
 
 from fedlora.data.catalog import load_demo
 from fedlora.models.batches import collate
-from fedlora.models.causal_lm import build_causal_lm, encode_instructions, lm_loss
+from fedlora.models.causal_lm import build_causal_lm, encode_instructions
 from fedlora.models.loading import load_tokenizer
 from fedlora.settings import LoraSettings
 from fedlora.simulations.canaries import (
@@ -79,14 +79,7 @@ def test_a_canary_repeated_in_training_is_extracted_and_a_held_out_one_is_not(
     before = score_canaries(model, tokenizer, drug_rows, planted, 0, progress=lambda _s: None)
     assert not before[0]["extracted"]
     enc = encode_instructions(tokenizer, data, 128)
-    batch = collate([enc[i] for i in range(len(enc))], enc.pad_id)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    for _ in range(300):
-        loss, _right = lm_loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_full_batch(model, collate([enc[i] for i in range(len(enc))], enc.pad_id), 5e-3, 300)
     rows = score_canaries(
         model, tokenizer, drug_rows, [*planted, *held_out], 0, progress=lambda _s: None
     )

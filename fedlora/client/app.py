@@ -72,6 +72,7 @@ from fedlora.protocol import (
     RANK_RECORD,
     SITE_KEY,
     STATS_RECORD,
+    partition_site_key,
 )
 from fedlora.records import arrays_to_state, payload_bytes
 
@@ -123,7 +124,7 @@ def site_key(context: Context) -> str:
     if NODE_SITE_NAME in node:
         return str(node[NODE_SITE_NAME])
     if NODE_PARTITION_ID in node:
-        return f"partition-{int(node[NODE_PARTITION_ID]):06d}"
+        return partition_site_key(int(node[NODE_PARTITION_ID]))
     return f"node-{context.node_id}"
 
 

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedlora.protocol import partition_site_key
 from fedlora.rundir import (
     ADAPTER_DIR,
     CLIENTS_JSON,
@@ -218,7 +219,7 @@ def sites_view(clients: Any, rounds: list[dict[str, Any]], plan: Any) -> list[di
             site(f["site"])["failures"].append({"round": r["round"], **f})
     planned = plan.get("sites", []) if isinstance(plan, dict) else []
     for i, p in enumerate(planned if isinstance(planned, list) else []):
-        name = f"partition-{i:06d}"  # the simulation's site keys, in plan order
+        name = partition_site_key(i)  # the simulation's site keys, in plan order
         if isinstance(p, dict) and name in sites:
             sites[name]["epsilon_cap"] = _number(p.get("epsilon"))
     return [sites[k] for k in sorted(sites)]

@@ -40,6 +40,7 @@ from typing import Any
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DataError
 from fedlora.privacy.audit_bound import audit_threshold, roc_auc, tpr_at_fpr
+from fedlora.protocol import partition_of_site_key
 from fedlora.rundir import simulated_sites
 
 AUDIT_JSON = "audit.json"
@@ -163,20 +164,16 @@ def accounted_epsilon(run_dir: Path) -> float:
 
 def site_epsilons(run_dir: Path) -> dict[int, float]:
     """Each simulated site's ε as its own ledger reported it (``clients.json``:
-    the largest, i.e. the latest cumulative, value per ``partition-NNNNNN``)."""
+    the largest, i.e. the latest cumulative, value per simulated site key)."""
     from fedlora.rundir import CLIENTS_JSON
 
     path = run_dir / CLIENTS_JSON
     rows = json.loads(path.read_text()) if path.is_file() else []
     out: dict[int, float] = {}
     for row in rows if isinstance(rows, list) else []:
-        name, eps = row.get("site", ""), row.get("epsilon")
-        if (
-            isinstance(name, str)
-            and name.startswith("partition-")
-            and isinstance(eps, (int, float))
-        ):
-            site = int(name.removeprefix("partition-"))
+        name, eps = row.get("site"), row.get("epsilon")
+        site = partition_of_site_key(name) if isinstance(name, str) else None
+        if site is not None and isinstance(eps, (int, float)):
             out[site] = max(out.get(site, 0.0), float(eps))
     return out
 
