@@ -12,6 +12,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# Every other package at the version the suite passed with (constraints.txt): a new
+# release of PEFT or transformers on PyPI must not change what a site runs or break
+# CI overnight. FEDLORA_UNPINNED=1 takes the newest versions the pyproject ranges allow.
+if [ -z "${FEDLORA_UNPINNED:-}" ]; then
+  PIP+=(-c constraints.txt)
+fi
 if [ -z "${TORCH_SPEC:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   TORCH_SPEC="torch==2.13.0"   # the CPU wheel on these machines
 fi

@@ -40,6 +40,19 @@ NOISY_FIELDS = (
 )
 #: Fields of metrics.json that measure time or machine, not results.
 VOLATILE = ("seconds", "time", "duration", "wall")
+#: Exported files written from a library's template, not from results: PEFT's
+#: model card (``README.md``) changes its text and version line with each release.
+TEMPLATES = ("README.md",)
+#: What in ``adapter_config.json`` decides the adapter's results. PEFT adds a key
+#: with a null default for each new method in most releases (0.22 added nine),
+#: so the whole file's hash would fail on a PEFT upgrade that changes nothing.
+ADAPTER_CONFIG_KEYS = (
+    "alpha_pattern", "base_model_name_or_path", "bias", "fan_in_fan_out", "init_lora_weights",
+    "lora_alpha", "lora_dropout", "modules_to_save", "peft_type", "r", "rank_pattern",
+    "target_modules", "task_type", "use_dora", "use_rslora",
+)  # fmt: skip
+#: Keys that name the library release that wrote a file.
+VERSION_KEYS = ("peft_version", "transformers_version")
 
 
 def _stable(obj: Any, drop: tuple[str, ...] = ()) -> Any:
@@ -57,15 +70,19 @@ def _stable(obj: Any, drop: tuple[str, ...] = ()) -> Any:
 def _canonical(path: Path, workdir: Path) -> bytes:
     """A file's bytes with the (temporary) work folder named ``<work>``; JSON
     files with sorted keys and PEFT's module *sets* sorted (PEFT writes them
-    in the process's string-hash order, which changes from run to run)."""
+    in the process's string-hash order, which changes from run to run), without
+    the library versions that wrote them, and ``adapter_config.json`` reduced to
+    :data:`ADAPTER_CONFIG_KEYS`."""
     data = path.read_bytes().replace(str(workdir).encode(), b"<work>")
     if path.suffix != ".json":
         return data
     obj = json.loads(data)
+    if path.name == "adapter_config.json":
+        obj = {k: obj.get(k) for k in ADAPTER_CONFIG_KEYS}
     for key in ("target_modules", "modules_to_save"):
         if isinstance(obj, dict) and isinstance(obj.get(key), list):
             obj[key] = sorted(obj[key])
-    for key in ("local_files_only", "is_local"):  # how transformers was called, not results
+    for key in ("local_files_only", "is_local", *VERSION_KEYS):  # not results
         if isinstance(obj, dict):
             obj.pop(key, None)
     return json.dumps(obj, sort_keys=True).encode()
@@ -140,7 +157,7 @@ def run_case(name: str, workdir: Path) -> dict[str, Any]:
     adapter = {
         str(p.relative_to(run_dir)): _fingerprint(p, workdir)
         for p in sorted((run_dir / "adapter").rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name not in TEMPLATES
     }
     drop = NOISY_FIELDS if name in NOISY else ()
     return {"metrics": _stable(metrics, drop), "adapter": _stable(adapter, drop)}

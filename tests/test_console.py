@@ -191,13 +191,27 @@ def _chromium() -> Any:
 
 
 def _wait(what: Any, timeout: float, message: str) -> Any:
+    """Poll ``what`` until truthy. The page re-renders whenever the run's files
+    change, so an element found a moment ago may be gone: that counts as "not
+    yet", never as a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        value = what()
+        try:
+            value = what()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         time.sleep(0.2)
     raise AssertionError(message)
+
+
+#: The rounds table in one read: [round, cell texts...] per row. One script call
+#: sees one rendering; reading row by row over WebDriver can straddle a re-render.
+ROWS_JS = """return Array.from(document.querySelectorAll('#rounds tbody tr')).map(
+    r => [r.getAttribute('data-round')].concat(Array.from(r.cells).map(c => c.innerText)));"""
 
 
 @pytest.mark.slow
@@ -226,9 +240,9 @@ def test_a_live_run_in_a_real_browser(
         assert "401" in browser.find_element(By.TAG_NAME, "body").text  # no token: refused
         browser.get(f"{url}/?token={TOKEN}")
         assert browser.current_url == url + "/" or "#run/" in browser.current_url  # token dropped
-        rows = lambda: browser.find_elements(By.CSS_SELECTOR, "#rounds tbody tr")  # noqa: E731
+        rows = lambda: browser.execute_script(ROWS_JS)  # noqa: E731
         _wait(
-            lambda: any(r.get_attribute("data-round") == "1" for r in rows()),
+            lambda: any(r[0] == "1" for r in rows()),
             240,
             "round 1 never appeared on the page",
         )
@@ -245,7 +259,7 @@ def test_a_live_run_in_a_real_browser(
         )
 
         metrics = json.loads((run_dir / "metrics.json").read_text())["rounds"]
-        shown = [[c.text for c in r.find_elements(By.TAG_NAME, "td")] for r in rows()]
+        shown = [[c.strip() for c in r[1:]] for r in rows()]
         assert [int(r[0]) for r in shown] == [m["round"] for m in metrics]
         assert [r[3] for r in shown] == [f"{m['global_accuracy']:.4f}" for m in metrics]
         replied = [f"{m['clients_ok']}/{m['clients_sampled']}" for m in metrics[1:]]
@@ -255,11 +269,15 @@ def test_a_live_run_in_a_real_browser(
         assert points[1] == pytest.approx([m["global_accuracy"] for m in metrics])
 
         # the failed site and its reason, shown as text (the hostile HTML stays inert)
-        reasons = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#failures td.reason")]
+        texts = lambda selector: browser.execute_script(  # noqa: E731
+            "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.innerText);",
+            selector,
+        )
+        reasons = texts("#failures td.reason")
         assert len(reasons) == 3 and all(HOSTILE in r for r in reasons), reasons
         assert not browser.find_elements(By.ID, "pwned")
-        site0 = browser.find_element(By.CSS_SELECTOR, '#sites tr[data-site="partition-000000"]')
-        assert "round 1: error" in site0.text
+        site0 = texts('#sites tr[data-site="partition-000000"]')
+        assert len(site0) == 1 and "round 1: error" in site0[0], site0
 
         shot = Path(os.environ.get("FEDLORA_SCREENSHOT_DIR", str(run_dir))) / "console.png"
         browser.save_screenshot(str(shot))
