@@ -70,6 +70,22 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "clients": 10,
         "config": {"dataset": "bbc-news", "partitioner": "iid", "num-server-rounds": 5},
     },
+    # For bench/audit.py: a federation that memorises without DP, so the audit's
+    # evidence has something to find. MiniLM on the 979 drug reviews (noisy
+    # 3-way sentiment: members' losses fall far below unseen reviews') over 4 sites
+    # of ~196, 8 local epochs a round for 3 rounds. The plan warns at ε = 8
+    # (small sites) instead of refusing: the audit is the point, not accuracy.
+    "memorise": {
+        "clients": 4,
+        "config": {
+            "dataset": "drug-sentiment",
+            "partitioner": "iid",
+            "num-server-rounds": 3,
+            "local-epochs": 8,
+            "dp-plan": "warn",
+            "export-round": "last",
+        },
+    },
 }
 
 
