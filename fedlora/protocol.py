@@ -26,6 +26,8 @@ SecAgg+ train      Flower's legacy ``fitins``  Flower's masked ``fitres`` (see
 
 from __future__ import annotations
 
+import re
+
 # ---------------------------------------------------------------------------
 # Records in a message's RecordDict
 # ---------------------------------------------------------------------------
@@ -164,3 +166,37 @@ def partition_of_site_key(key: str) -> int | None:
     site's, or one that only looks like it)."""
     digits = key.removeprefix("partition-")
     return int(digits) if digits != key and digits.isdigit() else None
+
+
+# ---------------------------------------------------------------------------
+# Free text a node sends (its site key, an error reply's reason): untrusted
+# ---------------------------------------------------------------------------
+#: A site key: what a site's operator may set as ``site-name``, and what the
+#: server accepts from a node (anything else is replaced by ``node-<id>``).
+SITE_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The most of a node's error reason the server keeps (logs, metrics.json, status).
+MAX_REASON_CHARS = 2000
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def valid_site_name(name: str) -> bool:
+    """Whether ``name`` may be a site key (:data:`SITE_NAME_RULE`): it names the
+    site in logs, file rows and the console, so it may carry nothing else."""
+    return _SITE_NAME.fullmatch(name) is not None
+
+
+def wire_text(value: object, limit: int = MAX_REASON_CHARS) -> str:
+    """A node's free text made safe to log, store and show.
+
+    A hostile node could send terminal escape sequences (to repaint or hide
+    lines on the operator's terminal), other control characters, or megabytes
+    of text (to fill the server's logs and ``metrics.json``). Escapes and
+    controls other than newline and tab are dropped; text past ``limit``
+    characters is cut, saying how much was.
+    """
+    text = _CONTROLS.sub("", _ESCAPES.sub("", str(value)))
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit} more characters dropped)"
+    return text

@@ -131,6 +131,8 @@ def test_node_command_carries_the_site_config(creds: Path, site_csv: Path, tmp_p
         ({"key": "site-a.pub"}, r"not an unencrypted OpenSSH private key.*not the \.pub"),
         ({"key": "nobody.key"}, r"nobody\.key does not exist.*fedlora certs"),
         ({"extra": ["--privacy-delta", "1e-5"]}, "give all three of --privacy-epsilon-cap"),
+        ({"extra": ["--site-name", "../etc"]}, r"--site-name '\.\./etc': give 1-64 letters"),
+        ({"extra": ["--site-name", "a b"]}, r"--site-name 'a b': give 1-64 letters"),
     ],
 )
 def test_node_refuses_to_start_with_a_clear_reason(

@@ -217,3 +217,130 @@ def test_feature_statistics_replies_are_checked(
     keys = frozenset({KEY_FEATURE_SUM, KEY_FEATURE_COUNT})
     reason = check_statistics_reply(_stats(total, count), STATS_RECORD, keys)
     assert (reason is None) if needle is None else (needle in str(reason))
+
+
+# ------------------------------------------------- a node's free text and its name
+HOSTILE_REASON = "\x1b[2J\x1b[H\x1b]0;owned\x07all sites OK\r\x00" + "A" * 1_000_000
+
+
+def test_wire_text_drops_escapes_and_controls_and_caps_the_length() -> None:
+    from fedlora.protocol import MAX_REASON_CHARS, wire_text
+
+    assert wire_text("a\x1b[31mred\x1b[0m b\x07\x00\r") == "ared b"
+    assert wire_text("line 1\n\tline 2") == "line 1\n\tline 2"  # kept: tracebacks read on
+    assert wire_text("\x9b31mc1 csi") == "31mc1 csi"  # the 8-bit CSI is a control too
+    capped = wire_text(HOSTILE_REASON)
+    assert capped.startswith("all sites OK")
+    assert len(capped) < MAX_REASON_CHARS + 60
+    assert capped.endswith(f"({1_000_012 - MAX_REASON_CHARS} more characters dropped)")
+    assert wire_text(12) == "12"
+
+
+def test_a_node_error_reason_reaches_the_failures_cleaned_and_capped(flower_task: Any) -> None:
+    from flwr.app import Error
+
+    from fedlora.server.exchange import SiteRegistry, split_replies
+
+    request = Message(content=RecordDict(), dst_node_id=3, message_type="train")
+    reply = Message(error=Error(code=4001, reason=HOSTILE_REASON), reply_to=request)
+    sites = SiteRegistry()
+    sites.claim({3: "site-c"})
+    ok, failures = split_replies([reply], [3], sites, sent=[request])
+    assert ok == [] and len(failures) == 1
+    assert failures[0].startswith("site-c (node 3): all sites OK")
+    assert "\x1b" not in failures[0] and "\x00" not in failures[0] and len(failures[0]) < 2100
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        ({1: "site-a", 2: "site-b"}, {1: "site-a", 2: "site-b"}),
+        ({1: "\x1b[2Jsite-a"}, {1: "node-1"}),  # escapes: refused
+        ({1: "../../etc"}, {1: "node-1"}),  # a path: refused
+        ({1: "a" * 65}, {1: "node-1"}),  # too long
+        ({1: 42}, {1: "node-1"}),  # not text
+        ({1: "site-a", 2: "site-a"}, {1: "node-1", 2: "node-2"}),  # two claim one name
+        ({1: "node-2", 2: "site-b"}, {1: "node-1", 2: "site-b"}),  # another node's name
+        ({1: "node-1"}, {1: "node-1"}),  # its own fallback is fine
+    ],
+)
+def test_site_key_claims_are_checked(claims: dict[int, object], expected: dict[int, str]) -> None:
+    from fedlora.server.exchange import SiteRegistry
+
+    sites = SiteRegistry()
+    sites.claim(claims)
+    assert sites.keys == expected
+
+
+def test_a_name_already_held_cannot_be_taken_later() -> None:
+    from fedlora.server.exchange import SiteRegistry
+
+    sites = SiteRegistry()
+    sites.claim({1: "site-a"})
+    sites.claim({2: "site-a"})  # a node that joins later, claiming site-a
+    assert sites.keys == {1: "site-a", 2: "node-2"}
+
+
+def _impostor(msg: Message, context: Context, call_next: Any) -> Message:
+    """Partition 0 claims partition 1's name and answers training with a hostile
+    error reason (escape sequences and a megabyte of text)."""
+    from flwr.app import Error
+
+    from fedlora.protocol import SITE_KEY
+
+    reply = call_next(msg, context)
+    if int(context.node_config.get("partition-id", -1)) != 0:
+        return reply
+    if msg.metadata.message_type == "query" and SITE_KEY in reply.content.config_records:
+        reply.content.config_records[SITE_KEY][SITE_KEY] = "partition-000001"
+        return reply
+    if msg.metadata.message_type == "train":
+        return Message(error=Error(code=4001, reason=HOSTILE_REASON), reply_to=msg)
+    return reply
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_node_forging_its_name_and_its_error_text_steers_nothing(
+    tiny_model_dir: Path, text_csv: Path, tmp_path: Path
+) -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    server_log = logging.getLogger("fedlora.server")  # "fedlora" does not propagate
+    server_log.addHandler(handler)
+    cfg = tiny_run_config(tiny_model_dir, text_csv, tmp_path, **{"num-server-rounds": 1})
+    try:
+        status = simulate(cfg, 3, Resources(num_cpus=1), client_mods=[_impostor])
+    finally:
+        server_log.removeHandler(handler)
+    assert status["status"] == "completed", status
+    last = json.loads((tmp_path / "metrics.json").read_text())["rounds"][-1]
+    assert last["clients_ok"] == 2 and last["clients_failed"] == 1
+    (line,) = last["failures"]
+    assert line.startswith("node-") and ": all sites OK" in line, line[:200]
+    assert "\x1b" not in line and len(line) < 2100
+    sites = {row["site"] for row in json.loads((tmp_path / "clients.json").read_text())}
+    # neither the impostor nor the site it named holds "partition-000001"
+    assert "partition-000001" not in sites and "partition-000002" in sites, sites
+    logged = [r.getMessage() for r in records]
+    assert any("claimed site key 'partition-000001'" in m for m in logged), logged
+    assert any("all sites OK" in m for m in logged), logged  # the failure was logged...
+    assert not any("\x1b" in m or len(m) > 5000 for m in logged)  # ...cleaned and capped
+
+
+def test_a_node_refuses_a_site_name_the_server_would_refuse() -> None:
+    from flwr.app import Context, RecordDict
+
+    from fedlora.client.app import site_key
+    from fedlora.errors import ConfigError
+
+    def context(node_config: dict[str, Any]) -> Context:
+        return Context(1, 7, node_config, RecordDict(), {})
+
+    assert site_key(context({"site-name": "hospital-a"})) == "hospital-a"
+    assert site_key(context({"partition-id": 3})) == "partition-000003"
+    with pytest.raises(ConfigError, match=r"site-name='a\\nb' is not a site name"):
+        site_key(context({"site-name": "a\nb"}))

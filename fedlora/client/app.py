@@ -71,16 +71,14 @@ from fedlora.protocol import (
     QUERY_LORA_RANK,
     RANK_RECORD,
     SITE_KEY,
+    SITE_NAME_RULE,
     STATS_RECORD,
     partition_site_key,
+    valid_site_name,
 )
 from fedlora.records import arrays_to_state, payload_bytes
 
 log = logging.getLogger("fedlora.client")
-
-
-# Node-config keys (set by the node's operator with `flower-supernode --node-config`).
-# Error codes in error replies, so the server can tell kinds of failure apart.
 
 
 def build_client_app(
@@ -122,7 +120,13 @@ def site_key(context: Context) -> str:
     """A stable name for this site, used by the server for seeded sampling."""
     node = context.node_config
     if NODE_SITE_NAME in node:
-        return str(node[NODE_SITE_NAME])
+        name = str(node[NODE_SITE_NAME])
+        if not valid_site_name(name):
+            raise ConfigError(
+                f"node config {NODE_SITE_NAME}={name!r} is not a site name; use "
+                f"{SITE_NAME_RULE} (the server would not accept it)"
+            )
+        return name
     if NODE_PARTITION_ID in node:
         return partition_site_key(int(node[NODE_PARTITION_ID]))
     return f"node-{context.node_id}"

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fedlora.protocol import partition_site_key
+from fedlora.protocol import partition_site_key, wire_text
 from fedlora.rundir import (
     ADAPTER_DIR,
     CLIENTS_JSON,
@@ -56,7 +56,6 @@ _ROUND_FIELDS = (
     "bytes_uploaded",
     "seconds",
 )
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SITE = re.compile(r"^(?P<site>[^ ]+) \((?P<rest>.*)$", re.S)
 
 
@@ -135,7 +134,7 @@ def failure(line: str) -> dict[str, str]:
     input was bad. A simulated worker's reason carries a Ray traceback whose
     last line is the message.
     """
-    text = _ANSI.sub("", str(line))
+    text = wire_text(line)  # files a hostile node could have put text into
     match = _SITE.match(text)
     site = match.group("site") if match else "?"
     rest = match.group("rest") if match else text

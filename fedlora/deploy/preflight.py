@@ -34,6 +34,8 @@ from fedlora.protocol import (
     NODE_LEDGER_DIR,
     NODE_SITE_NAME,
     NODE_TEXT_COLUMN,
+    SITE_NAME_RULE,
+    valid_site_name,
 )
 
 Outcome = Literal["completed", "sites-failed", "stopped", "failed"]
@@ -139,8 +141,8 @@ def check_node_inputs(
             f"can join the federation as this site. Run `chmod 600 {key_file}`"
         )
     data = _check_data(data_path, text_column, label_column, labels, notes)
-    if not site_name or any(c.isspace() for c in site_name):
-        raise ConfigError(f"--site-name {site_name!r}: give a name without spaces")
+    if not valid_site_name(site_name):
+        raise ConfigError(f"--site-name {site_name!r}: give {SITE_NAME_RULE}")
     node_config: dict[str, deploy.ConfigValue] = {
         NODE_DATA_PATH: str(data),
         NODE_TEXT_COLUMN: text_column,

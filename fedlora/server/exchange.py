@@ -29,6 +29,9 @@ from fedlora.protocol import (
     ERROR_CODE_BUDGET,
     QUERY_SITE,
     SITE_KEY,
+    SITE_NAME_RULE,
+    valid_site_name,
+    wire_text,
 )
 from fedlora.server.stops import RunStopped
 
@@ -64,10 +67,49 @@ def derive_seed(*parts: object) -> int:
 
 
 class SiteRegistry:
-    """Maps runtime node ids to stable site keys by asking each node once."""
+    """Maps runtime node ids to stable site keys by asking each node once.
+
+    The key is the node's own claim, so it is checked like any other reply. A
+    name outside :data:`~fedlora.protocol.SITE_NAME_RULE`, one another node
+    already holds, one two nodes claim at once, or ``node-<id>`` for an id not
+    its own (another node's fallback name) is refused and logged, and the node
+    is named ``node-<id>``. A hostile node can therefore neither inject text
+    into logs and files nor take another site's place in sampling and reports;
+    at worst, claiming an honest site's name in the same breath, it costs that
+    site its name for the run (both are logged).
+    """
 
     def __init__(self) -> None:
         self.keys: dict[int, str] = {}
+
+    def claim(self, claims: dict[int, object]) -> None:
+        """Record the site keys that ``claims`` (node -> claimed name) ask for."""
+        names = [v for v in claims.values() if isinstance(v, str)]
+        for node, name in sorted(claims.items()):
+            fallback = f"node-{node}"
+            text = name if isinstance(name, str) else ""
+            held = {k for n, k in self.keys.items() if n != node}
+            problem = (
+                f"is not a site name ({SITE_NAME_RULE})"
+                if not valid_site_name(text)
+                else "is held by another node"
+                if text in held
+                else "is claimed by another node too"
+                if names.count(text) > 1
+                else "names another node"
+                if text.startswith("node-") and text != fallback
+                else None
+            )
+            if problem is not None:
+                log.warning(
+                    "node %d claimed site key %s, which %s; it is %s in this run",
+                    node,
+                    wire_text(repr(name), 80),
+                    problem,
+                    fallback,
+                )
+                text = fallback
+            self.keys[node] = text
 
     def refresh(self, grid: Grid, timeout: float) -> None:
         unknown = [n for n in grid.get_node_ids() if n not in self.keys]
@@ -77,11 +119,15 @@ class SiteRegistry:
         msgs = [
             Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown
         ]
+        claims: dict[int, object] = {}
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
-            if reply.has_error() or SITE_KEY not in reply.content.config_records:
+            if node not in unknown or reply.has_error():
                 continue
-            self.keys[node] = str(reply.content.config_records[SITE_KEY][SITE_KEY])
+            if SITE_KEY not in reply.content.config_records:
+                continue
+            claims[node] = reply.content.config_records[SITE_KEY].get(SITE_KEY)
+        self.claim(claims)
         for node in unknown:
             self.keys.setdefault(node, f"node-{node}")
 
@@ -234,7 +280,7 @@ def split_replies(
         if msg.has_error() and msg.error.code == ERROR_CODE_BUDGET and exhausted is not None:
             exhausted.add(sites.key(node))
         if msg.has_error():
-            failures.append(f"{sites.key(node)} (node {node}): {msg.error.reason}")
+            failures.append(f"{sites.key(node)} (node {node}): {wire_text(msg.error.reason)}")
         else:
             ok.append(msg)
     for node in expected:

@@ -37,6 +37,7 @@ from fedlora.protocol import (
     SECAGG_CLIPPING_KEY,
     SECAGG_MAX_WEIGHT_KEY,
     SECAGG_NAMES_KEY,
+    wire_text,
 )
 from fedlora.records import State
 
@@ -261,7 +262,7 @@ class _RecordingGrid:
             answered.add(node)
             if reply.has_error():
                 stage = _stage(request) if request else "?"
-                self.errors.setdefault(node, f"{stage}: {reply.error.reason}")
+                self.errors.setdefault(node, f"{stage}: {wire_text(reply.error.reason)}")
         for msg in sent:
             if msg.metadata.dst_node_id not in answered:
                 self.errors.setdefault(
