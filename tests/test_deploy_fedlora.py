@@ -230,11 +230,12 @@ def test_run_completes_with_three_sites(federation: Federation) -> None:
     assert f"run {run_id}: {COMPLETED}" in done.stdout, done.stdout + done.stderr
     # a clean terminal: fedlora's progress lines; the server's whole log in a file
     shown = [line for line in done.stdout.splitlines() if line.strip()]
-    assert all(line.startswith(("[round ", "exporting round", "run ")) for line in shown), shown
-    assert "[round 2/2]" in done.stdout and "DEPRECATED" not in done.stdout + done.stderr
+    assert all(line.startswith(("round ", "exporting round", "run ")) for line in shown), shown
+    assert "round 2/2 · 3/3 ok · acc " in done.stdout, shown  # the same line simulate prints
+    assert "DEPRECATED" not in done.stdout + done.stderr
     log_file = federation.cli_home / "logs" / f"run-{run_id}.log"
     assert f"server log: {log_file}" in done.stderr
-    assert "[round 2/2]" in log_file.read_text()
+    assert "round 2/2 · " in log_file.read_text()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]

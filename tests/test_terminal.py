@@ -74,3 +74,23 @@ def test_the_newest_flower_the_project_allows_is_the_one_tested() -> None:
     major, minor = int(pin.group(1)), int(pin.group(2))
     installed = tuple(int(v) for v in flwr.__version__.split(".")[:2])
     assert installed == (major, minor - 1), (flwr.__version__, pin.group(0))
+
+
+def test_one_round_line_for_the_server_log_and_the_simulate_display() -> None:
+    from fedlora.server.history import ROUND_LINE, round_line
+
+    first = {"round": 0, "global_accuracy": 0.25, "global_loss": 1.3862, "bytes_uploaded": 0}
+    assert round_line(first, 3) == "round 0/3 · acc 0.250 · loss 1.386 (before training)"
+    row = {
+        "round": 2,
+        "clients_ok": 2,
+        "clients_sampled": 3,
+        "global_accuracy": 0.6666,
+        "global_loss": None,  # a run without a held-out loss shows none
+        "bytes_uploaded": 1_234_567,
+        "seconds": 14.26,
+        "extra": {"epsilon-max": 1.005},
+    }
+    line = round_line(row, 3)
+    assert line == "round 2/3 · 2/3 ok · acc 0.667 · ε 1.00 · 1.23 MB up · 14.3 s"
+    assert ROUND_LINE.search(f"INFO :      {line}") and not ROUND_LINE.search("[ROUND 2]")

@@ -46,6 +46,7 @@ from fedlora.deploy import certs as certs_lib
 from fedlora.deploy import flower as deploy
 from fedlora.deploy import flwr_cli, preflight
 from fedlora.errors import FedloraError
+from fedlora.server.history import ROUND_LINE
 
 app = typer.Typer(
     add_completion=False,
@@ -334,7 +335,7 @@ def run(
 
 #: Lines of the server's log that are fedlora's own progress and verdicts; the
 #: rest (Flower's notices, third-party warnings) goes to the run's log file.
-OWN_LINES = ("[round ", "exporting round", "run stopped", "privacy audit", "late reply")
+OWN_LINES = ("exporting round", "run stopped", "privacy audit", "late reply")
 
 
 def _stream_logs(
@@ -355,7 +356,7 @@ def _stream_logs(
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            if verbose or any(mark in line for mark in OWN_LINES):
+            if verbose or ROUND_LINE.search(line) or any(mark in line for mark in OWN_LINES):
                 typer.echo(line.rstrip("\n").split("INFO :      ", 1)[-1])
 
     with (

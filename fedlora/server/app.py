@@ -22,7 +22,7 @@ import io
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +60,12 @@ from fedlora.server.centering import measure_feature_center
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.ensemble import EnsembleEvaluator
 from fedlora.server.exchange import wait_for_nodes
-from fedlora.server.history import RoundRecord, RunHistory
+from fedlora.server.history import RoundRecord, RunHistory, round_line
 from fedlora.server.loop import (
     RoundHook,
     RoundOutcome,
     StrategyStep,
     TrainStep,
-    progress_line,
     run_rounds,
 )
 from fedlora.server.report import ClientLog, dp_metadata, global_extras, round_record
@@ -223,12 +222,7 @@ def _resume_or_start(run: _Run) -> None:
             extra=global_extras(initial),
         )
     )
-    log.info(
-        "[round 0/%d] global acc %.3f · loss %.3f (before training)",
-        cfg.num_server_rounds,
-        initial[METRIC_ACCURACY],
-        initial[METRIC_LOSS],
-    )
+    log.info("%s", round_line(asdict(run.history.records[-1]), cfg.num_server_rounds))
 
 
 def _round_hook(run: _Run, latest: dict[str, ArrayRecord]) -> RoundHook:
@@ -253,7 +247,7 @@ def _round_hook(run: _Run, latest: dict[str, ArrayRecord]) -> RoundHook:
             record.extra["epsilon-user-level"] = central_eps
         run.history.add(record)
         save_checkpoint(run.run_dir, cfg, outcome.server_round, state, run.strategy)
-        log.info("%s", progress_line(outcome, cfg.num_server_rounds))
+        log.info("%s", round_line(asdict(record), cfg.num_server_rounds))
         g = outcome.global_metrics
         if METRIC_LOSS in g:  # the server's own held-out figures: no site data
             diverged = run.best.observe(

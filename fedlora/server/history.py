@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,39 @@ class RoundRecord:
     seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+
+
+#: How a round's progress line starts: what ``fedlora run`` keeps of the server's log.
+ROUND_LINE = re.compile(r"round \d+/\d+ · ")
+
+
+def round_line(row: Mapping[str, Any], total: int) -> str:
+    """A round's one progress line, from its record as ``metrics.json`` holds it.
+
+    The server logs it and ``fedlora simulate``'s display prints it from the
+    file, so a deployment's operator and a researcher read the same line.
+    """
+
+    def number(key: str) -> float | None:
+        value = row.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value)
+
+    rnd = int(number("round") or 0)
+    parts = [] if rnd == 0 else [f"{row.get('clients_ok', 0)}/{row.get('clients_sampled', 0)} ok"]
+    for key, label in (("global_accuracy", "acc"), ("global_loss", "loss")):
+        if (value := number(key)) is not None:
+            parts.append(f"{label} {value:.3f}")
+    if rnd == 0:
+        return f"round 0/{total} · " + " · ".join(parts) + " (before training)"
+    eps = (row.get("extra") or {}).get("epsilon-max")
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        parts.append(f"ε {eps:.2f}")
+    parts.append(f"{(number('bytes_uploaded') or 0) / 1e6:.2f} MB up")
+    if seconds := number("seconds"):
+        parts.append(f"{seconds:.1f} s")
+    return f"round {rnd}/{total} · " + " · ".join(parts)
 
 
 class RunHistory:

@@ -29,9 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora.config import RunConfig
 from fedlora.protocol import (
-    METRIC_ACCURACY,
     METRIC_BYTES_SENT,
-    METRIC_LOSS,
 )
 from fedlora.records import arrays_to_state, nonfinite_key
 from fedlora.server.exchange import (
@@ -287,16 +285,3 @@ def _accepted(result: TrainResult, rnd: int, sampled: int, minimum: int) -> Arra
             "is discarded and the last finite global adapter kept"
         )
     return result.arrays
-
-
-def progress_line(outcome: RoundOutcome, total_rounds: int) -> str:
-    """One terminal line per round."""
-    g = outcome.global_metrics
-    parts = [f"{outcome.ok}/{outcome.sampled} clients ok"]
-    if METRIC_ACCURACY in g:
-        parts.append(f"global acc {g[METRIC_ACCURACY]:.3f}")
-    if METRIC_LOSS in g:
-        parts.append(f"loss {g[METRIC_LOSS]:.3f}")
-    parts.append(f"{outcome.bytes_uploaded / 1e6:.2f} MB up")
-    parts.append(f"{outcome.seconds:.1f} s")
-    return f"[round {outcome.server_round}/{total_rounds}] " + " · ".join(parts)

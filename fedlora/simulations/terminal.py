@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedlora.rundir import METRICS_JSON
+from fedlora.server.history import round_line
 
 LOG_FILE = "fedlora.log"
 
@@ -49,21 +50,6 @@ def quiet_output(log_path: Path) -> Iterator[IO[str]]:
             for fd in saved:
                 os.close(fd)
             terminal.close()
-
-
-def round_line(record: dict[str, Any], total: int) -> str:
-    """One round of ``metrics.json`` as the progress line."""
-    parts = []
-    if record.get("round", 0) > 0:
-        parts.append(f"{record.get('clients_ok', 0)}/{record.get('clients_sampled', 0)} ok")
-    for key, label in (("global_accuracy", "acc"), ("global_loss", "loss")):
-        if isinstance(record.get(key), (int, float)):
-            parts.append(f"{label} {record[key]:.3f}")
-    eps = (record.get("extra") or {}).get("epsilon-max")
-    if isinstance(eps, (int, float)):
-        parts.append(f"ε {eps:.2f}")
-    parts.append(f"{(record.get('bytes_uploaded') or 0) / 1e6:.2f} MB up")
-    return f"round {record.get('round', 0)}/{total} · " + " · ".join(parts)
 
 
 class RoundDisplay:
