@@ -4,8 +4,10 @@ Serves ``fedlora console`` over a run directory (a finished run's, given, or a
 tiny 3-round simulation run here) and opens it cold five times: the time to
 the first rendered round row (data fetched over the event stream and drawn),
 the navigation's DOM-ready time, and the bytes of every response. Prints JSON.
+With ``--screenshot PNG``, then saves the whole page as the browser drew it
+(the README's ``docs/console.png`` is made this way).
 
-    .venv/bin/python bench/console_load.py [--run-dir runs/latest]
+    .venv/bin/python bench/console_load.py [--run-dir runs/latest] [--screenshot out.png]
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--loads", type=int, default=5)
+    parser.add_argument("--screenshot", type=Path, default=None, help="save the page as PNG")
+    parser.add_argument("--fragment", default="", help="a view to shoot, e.g. run/<name>")
     args = parser.parse_args()
     import uvicorn
     from selenium import webdriver
@@ -87,6 +91,21 @@ def main() -> None:
                     },
                 }
             )
+        finally:
+            browser.quit()
+    if args.screenshot:
+        options.add_argument("--window-size=1400,900")
+        browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        try:
+            browser.get(f"http://127.0.0.1:{port}/?token={TOKEN}")
+            browser.get(f"http://127.0.0.1:{port}/#{args.fragment}")
+            while not browser.find_elements(By.CSS_SELECTOR, "#rounds tbody tr"):
+                time.sleep(0.05)
+            time.sleep(1.0)  # charts and images settle
+            height = browser.execute_script("return document.documentElement.scrollHeight;")
+            browser.set_window_size(1400, min(int(height) + 40, 6000))
+            time.sleep(0.5)
+            browser.save_screenshot(str(args.screenshot))
         finally:
             browser.quit()
     server.should_exit = True

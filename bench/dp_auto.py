@@ -84,6 +84,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
             "local-epochs": 8,
             "dp-plan": "warn",
             "export-round": "last",
+            # 8 local epochs of DP-SGD noise move the adapter ~100 in L2, above the
+            # default bound (10x the initial adapter's norm, 57 here): without this
+            # the server rejects every honest update of round 1 and stops.
+            "update-max-norm": 1000.0,
         },
     },
 }

@@ -193,10 +193,12 @@ def wire_text(value: object, limit: int = MAX_REASON_CHARS) -> str:
     A hostile node could send terminal escape sequences (to repaint or hide
     lines on the operator's terminal), other control characters, or megabytes
     of text (to fill the server's logs and ``metrics.json``). Escapes and
-    controls other than newline and tab are dropped; text past ``limit``
-    characters is cut, saying how much was.
+    controls other than newline and tab are dropped; of a text longer than
+    ``limit`` characters the first and last halves are kept, saying how much
+    was cut between them (a traceback's last line names the error).
     """
     text = _CONTROLS.sub("", _ESCAPES.sub("", str(value)))
     if len(text) > limit:
-        text = f"{text[:limit]}… ({len(text) - limit} more characters dropped)"
+        half = limit // 2
+        text = f"{text[:half]} … ({len(text) - 2 * half} characters dropped) … {text[-half:]}"
     return text

@@ -400,3 +400,30 @@ def test_placement_is_summarised_per_ray_node(tmp_path: Path) -> None:
         {"node": "a" * 12, "ip": "10.0.0.1", "messages": 2, "partitions": [0, 2]},
         {"node": "b" * 12, "ip": "10.0.0.2", "messages": 1, "partitions": [1]},
     ]
+
+
+def test_a_sites_cap_is_what_its_node_enforces_and_the_plan_is_only_planned() -> None:
+    from fedlora.console.views import sites_view
+
+    clients = [
+        {"site": "partition-000000", "round": 1, "epsilon": 4.44},
+        {"site": "partition-000000", "round": 2, "epsilon": 7.99},
+    ]
+    plan = {"sites": [{"epsilon": 7.98}]}  # the plan's estimate, a hair below the spend
+    (simulated,) = sites_view(clients, [], plan, cap=8.0)
+    assert (simulated["epsilon"], simulated["epsilon_cap"]) == (7.99, 8.0)
+    assert simulated["epsilon_planned"] == 7.98
+    assert simulated["epsilon_by_round"] == {"1": 4.44, "2": 7.99}
+    (uncapped,) = sites_view(clients, [], plan)  # sim-epsilon-cap=0, or a deployment
+    assert uncapped["epsilon_cap"] is None and uncapped["epsilon_planned"] == 7.98
+
+
+def test_the_run_view_takes_the_cap_from_the_config(tmp_path: Path) -> None:
+    from fedlora.console.views import run_view
+
+    run = _run_dir(tmp_path)
+    (run / "config.json").write_text(json.dumps({"num-server-rounds": 1, "sim-epsilon-cap": 3}))
+    (run / "clients.json").write_text(json.dumps([{"site": "a", "round": 1, "epsilon": 1.5}]))
+    sites = {s["site"]: s for s in run_view("run", run)["sites"]}
+    site = sites["a"]
+    assert site["epsilon_cap"] == 3.0 and site["epsilon_planned"] is None

@@ -229,10 +229,13 @@ def test_wire_text_drops_escapes_and_controls_and_caps_the_length() -> None:
     assert wire_text("a\x1b[31mred\x1b[0m b\x07\x00\r") == "ared b"
     assert wire_text("line 1\n\tline 2") == "line 1\n\tline 2"  # kept: tracebacks read on
     assert wire_text("\x9b31mc1 csi") == "31mc1 csi"  # the 8-bit CSI is a control too
-    capped = wire_text(HOSTILE_REASON)
+    tail = "\nDataError: the last line"
+    capped = wire_text(HOSTILE_REASON + tail)
     assert capped.startswith("all sites OK")
     assert len(capped) < MAX_REASON_CHARS + 60
-    assert capped.endswith(f"({1_000_012 - MAX_REASON_CHARS} more characters dropped)")
+    dropped = len("all sites OK") + 1_000_000 + len(tail) - MAX_REASON_CHARS
+    assert f" … ({dropped} characters dropped) … " in capped
+    assert capped.endswith("AAAA\nDataError: the last line")  # a traceback's verdict stays
     assert wire_text(12) == "12"
 
 

@@ -179,9 +179,17 @@ def rounds_view(metrics: Any) -> list[dict[str, Any]]:
     return out
 
 
-def sites_view(clients: Any, rounds: list[dict[str, Any]], plan: Any) -> list[dict[str, Any]]:
+def sites_view(
+    clients: Any, rounds: list[dict[str, Any]], plan: Any, cap: float | None = None
+) -> list[dict[str, Any]]:
     """One row per site: its last reply, ε per round and in total against its
-    cap (where the plan knows it), bytes sent, failures with reasons."""
+    cap, bytes sent, failures with reasons.
+
+    The cap is what the node enforces: a simulation's ``sim-epsilon-cap``
+    (``cap``); a deployed site's cap is its own setting, which it does not
+    report, so none is shown. The plan's figure is the spend it *predicted*,
+    shown beside as "planned", never as a cap.
+    """
     sites: dict[str, dict[str, Any]] = {}
 
     def site(name: str) -> dict[str, Any]:
@@ -194,7 +202,8 @@ def sites_view(clients: Any, rounds: list[dict[str, Any]], plan: Any) -> list[di
                 "loss": None,
                 "epsilon_by_round": {},
                 "epsilon": None,
-                "epsilon_cap": None,
+                "epsilon_cap": cap,
+                "epsilon_planned": None,
                 "bytes_sent": 0.0,
                 "failures": [],
             },
@@ -220,7 +229,7 @@ def sites_view(clients: Any, rounds: list[dict[str, Any]], plan: Any) -> list[di
     for i, p in enumerate(planned if isinstance(planned, list) else []):
         name = partition_site_key(i)  # the simulation's site keys, in plan order
         if isinstance(p, dict) and name in sites:
-            sites[name]["epsilon_cap"] = _number(p.get("epsilon"))
+            sites[name]["epsilon_planned"] = _number(p.get("epsilon"))
     return [sites[k] for k in sorted(sites)]
 
 
@@ -296,7 +305,10 @@ def run_view(name: str, run_dir: Path) -> dict[str, Any]:
         "num_rounds": _number(config.get("num-server-rounds")),
         "rounds": rounds,
         "sites": sites_view(
-            read_json(run_dir / CLIENTS_JSON), rounds, read_json(run_dir / PLAN_JSON)
+            read_json(run_dir / CLIENTS_JSON),
+            rounds,
+            read_json(run_dir / PLAN_JSON),
+            cap=_number(config.get("sim-epsilon-cap")) or None,  # 0: no cap
         ),
         "partitions": [
             {k: p.get(k) for k in ("partition", "examples", "labels")}

@@ -150,6 +150,7 @@ function renderRun(view) {
   sites.replaceChildren(...view.sites.map((s) => row([
     [s.site, "text"], [s.last_round], [fmt(s.accuracy)], [fmt(s.loss)],
     [s.epsilon === null ? "" : fmt(s.epsilon, 2) + (s.epsilon_cap === null ? "" : " / " + fmt(s.epsilon_cap, 2))],
+    [fmt(s.epsilon_planned, 2)],
     [Object.entries(s.epsilon_by_round).map(([k, v]) => `${k}: ${v.toFixed(2)}`).join(" · "), "text"],
     [fmt(s.bytes_sent / 1e6, 3)],
     [s.failures.map((f) => `round ${f.round}: ${f.kind}`).join("; "), "text"],
