@@ -7,6 +7,9 @@ audits the exported adapter (:mod:`fedlora.simulations.audit`). Prints JSON:
 AUC and TPR at 1 % / 0.1 % FPR of both attacks, the empirical ε lower bound
 (95 %) and the accounted ε; for ``--settings lm-canaries`` (SmolLM2 on drug
 reviews, 20 canaries planted 4 times a round) canary exposure and extraction.
+``--settings memorise --epsilons inf,8`` is the federation that overfits
+without DP (MiniLM on drug reviews, 8 local epochs): the audit's evidence
+against a model that does leak.
 
     .venv/bin/python bench/audit.py [--settings small-sites] [--from /tmp/dpauto]
 """
