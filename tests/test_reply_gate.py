@@ -282,6 +282,17 @@ def test_a_name_already_held_cannot_be_taken_later() -> None:
     sites.claim({1: "site-a"})
     sites.claim({2: "site-a"})  # a node that joins later, claiming site-a
     assert sites.keys == {1: "site-a", 2: "node-2"}
+    sites.claim({3: "site-a"}, connected=[1, 3])  # node 1 still connected: still held
+    assert sites.keys[3] == "node-3"
+
+
+def test_a_site_that_reconnects_under_a_new_id_gets_its_name_back() -> None:
+    from fedlora.server.exchange import SiteRegistry
+
+    sites = SiteRegistry()
+    sites.claim({1: "site-a", 2: "site-b"}, connected=[1, 2])
+    sites.claim({5: "site-a"}, connected=[2, 5])  # node 1 left; site-a came back as 5
+    assert sites.key(5) == "site-a" and sites.key(2) == "site-b"
 
 
 def _impostor(msg: Message, context: Context, call_next: Any) -> Message:

@@ -70,25 +70,29 @@ class SiteRegistry:
     """Maps runtime node ids to stable site keys by asking each node once.
 
     The key is the node's own claim, so it is checked like any other reply. A
-    name outside :data:`~fedlora.protocol.SITE_NAME_RULE`, one another node
-    already holds, one two nodes claim at once, or ``node-<id>`` for an id not
-    its own (another node's fallback name) is refused and logged, and the node
-    is named ``node-<id>``. A hostile node can therefore neither inject text
-    into logs and files nor take another site's place in sampling and reports;
-    at worst, claiming an honest site's name in the same breath, it costs that
-    site its name for the run (both are logged).
+    name outside :data:`~fedlora.protocol.SITE_NAME_RULE`, one a connected
+    node already holds, one two nodes claim at once, or ``node-<id>`` for an
+    id not its own (another node's fallback name) is refused and logged, and
+    the node is named ``node-<id>``. A hostile node can therefore neither
+    inject text into logs and files nor take a connected site's place in
+    sampling and reports; at worst, claiming an honest site's name in the same
+    breath, it costs that site its name for the run (both are logged). A name
+    whose node has left (a SuperNode restarted under a new id) can be claimed
+    again, so a restarted site keeps its name.
     """
 
     def __init__(self) -> None:
         self.keys: dict[int, str] = {}
 
-    def claim(self, claims: dict[int, object]) -> None:
-        """Record the site keys that ``claims`` (node -> claimed name) ask for."""
+    def claim(self, claims: dict[int, object], connected: Iterable[int] | None = None) -> None:
+        """Record the site keys that ``claims`` (node -> claimed name) ask for;
+        ``connected``: the nodes whose names are held (default: every known node)."""
         names = [v for v in claims.values() if isinstance(v, str)]
+        live = set(self.keys) if connected is None else set(connected)
         for node, name in sorted(claims.items()):
             fallback = f"node-{node}"
             text = name if isinstance(name, str) else ""
-            held = {k for n, k in self.keys.items() if n != node}
+            held = {k for n, k in self.keys.items() if n != node and n in live}
             problem = (
                 f"is not a site name ({SITE_NAME_RULE})"
                 if not valid_site_name(text)
@@ -112,7 +116,8 @@ class SiteRegistry:
             self.keys[node] = text
 
     def refresh(self, grid: Grid, timeout: float) -> None:
-        unknown = [n for n in grid.get_node_ids() if n not in self.keys]
+        connected = list(grid.get_node_ids())
+        unknown = [n for n in connected if n not in self.keys]
         if not unknown:
             return
         content = RecordDict({CONFIG_KEY: ConfigRecord({QUERY_SITE: 1})})
@@ -127,7 +132,7 @@ class SiteRegistry:
             if SITE_KEY not in reply.content.config_records:
                 continue
             claims[node] = reply.content.config_records[SITE_KEY].get(SITE_KEY)
-        self.claim(claims)
+        self.claim(claims, connected)
         for node in unknown:
             self.keys.setdefault(node, f"node-{node}")
 
