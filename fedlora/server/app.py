@@ -214,15 +214,14 @@ def _resume_or_start(run: _Run) -> None:
     initial = run.evaluator(0, run.arrays)
     state = arrays_to_state(run.arrays)
     run.best.observe(0, initial[METRIC_ACCURACY], initial[METRIC_LOSS], state)
-    run.history.add(
-        RoundRecord(
-            round=0,
-            global_loss=initial[METRIC_LOSS],
-            global_accuracy=initial[METRIC_ACCURACY],
-            extra=global_extras(initial),
-        )
+    record = RoundRecord(
+        round=0,
+        global_loss=initial[METRIC_LOSS],
+        global_accuracy=initial[METRIC_ACCURACY],
+        extra=global_extras(initial),
     )
-    log.info("%s", round_line(asdict(run.history.records[-1]), cfg.num_server_rounds))
+    run.history.add(record)
+    log.info("%s", round_line(asdict(record), cfg.num_server_rounds))
 
 
 def _round_hook(run: _Run, latest: dict[str, ArrayRecord]) -> RoundHook:

@@ -18,6 +18,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
@@ -87,7 +88,7 @@ class SiteRegistry:
     def claim(self, claims: dict[int, object], connected: Iterable[int] | None = None) -> None:
         """Record the site keys that ``claims`` (node -> claimed name) ask for;
         ``connected``: the nodes whose names are held (default: every known node)."""
-        names = [v for v in claims.values() if isinstance(v, str)]
+        claimed = Counter(v for v in claims.values() if isinstance(v, str))
         live = set(self.keys) if connected is None else set(connected)
         for node, name in sorted(claims.items()):
             fallback = f"node-{node}"
@@ -99,7 +100,7 @@ class SiteRegistry:
                 else "is held by another node"
                 if text in held
                 else "is claimed by another node too"
-                if names.count(text) > 1
+                if claimed[text] > 1
                 else "names another node"
                 if text.startswith("node-") and text != fallback
                 else None

@@ -50,8 +50,8 @@ def round_line(row: Mapping[str, Any], total: int) -> str:
     file, so a deployment's operator and a researcher read the same line.
     """
 
-    def number(key: str) -> float | None:
-        value = row.get(key)
+    def number(key: str, within: Mapping[str, Any] = row) -> float | None:
+        value = within.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         return float(value)
@@ -63,8 +63,7 @@ def round_line(row: Mapping[str, Any], total: int) -> str:
             parts.append(f"{label} {value:.3f}")
     if rnd == 0:
         return f"round 0/{total} · " + " · ".join(parts) + " (before training)"
-    eps = (row.get("extra") or {}).get("epsilon-max")
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+    if (eps := number("epsilon-max", row.get("extra") or {})) is not None:
         parts.append(f"ε {eps:.2f}")
     parts.append(f"{(number('bytes_uploaded') or 0) / 1e6:.2f} MB up")
     if seconds := number("seconds"):

@@ -28,9 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.config import RunConfig
-from fedlora.protocol import (
-    METRIC_BYTES_SENT,
-)
+from fedlora.protocol import METRIC_BYTES_SENT
 from fedlora.records import arrays_to_state, nonfinite_key
 from fedlora.server.exchange import (
     Exchange,
